@@ -1,0 +1,269 @@
+"""Typed, validated job specs (pydantic) with YAML round-trip and ``--set`` overrides.
+
+One ``EditSpec`` drives the bulk job, sweeps and the server. Every section forbids unknown keys so a
+typo (``inpaint.promt``) is an error that names the field, never a silently ignored setting.
+Environment variables are read here and nowhere else (``PROMPTPAINT_MODELS_DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("read", "detect", "segment", "mask", "inpaint", "write")
+
+
+class SpecError(ValueError):
+    """An invalid spec or override. The CLI turns it into exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DetectSpec(_Section):
+    model: str = "owlv2"
+    queries: list[str] = Field(default_factory=lambda: ["car"], min_length=1)
+    threshold: float = Field(0.1, ge=0.0, le=1.0)
+    top_k: int = Field(10, ge=1, le=1000)
+
+    @field_validator("queries")
+    @classmethod
+    def _non_empty_queries(cls, v: list[str]) -> list[str]:
+        cleaned = [q.strip() for q in v]
+        if any(not q for q in cleaned):
+            raise ValueError(f"queries must be non-empty strings, got {v!r}")
+        return cleaned
+
+
+class SegmentSpec(_Section):
+    model: str = "sam"
+    multimask: Literal["best", "largest", "single"] = "best"
+    points_file: str | None = None
+
+
+class MaskSpec(_Section):
+    dilate_px: int = Field(8, ge=0, le=512)
+    feather_px: int = Field(4, ge=0, le=512)
+    fill_holes: bool = True
+    instances: Literal["all", "largest", "top1"] = "all"
+    invert: bool = False
+    min_area: int = Field(64, ge=0)
+
+
+class InpaintSpec(_Section):
+    model: str = "sd15-inpaint"
+    prompt: str = "a red vintage bicycle"
+    negative_prompt: str = "blurry, low quality, distorted"
+    steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0, lt=2**63)
+    resolution: int | None = Field(None, ge=8, le=4096, description="model-side crop size; None = model default")
+    padding: float = Field(0.25, ge=0.0, le=4.0, description="crop margin around the mask, as a fraction of its box")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+
+class QCSpec(_Section):
+    enabled: bool = False
+
+
+class LineageSpec(_Section):
+    mode: Literal["off", "offline", "online", "auto"] = "off"
+    project: str = "promptpaint"
+    sample_images: int = Field(16, ge=0)
+    require: bool = False
+
+
+class RuntimeSpec(_Section):
+    executor: Literal["ray", "local"] = "ray"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_size: dict[str, int] = Field(default_factory=dict)
+    pool_size: dict[str, int] = Field(default_factory=dict)
+    num_gpus: dict[str, float] = Field(default_factory=dict)
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per model actor; None = all local CPUs")
+    fuse: Literal["auto", "all", "none"] = "auto"
+    manifest_every: int = Field(256, ge=1, description="rows per manifest part file")
+
+    @field_validator("batch_size", "pool_size", "num_gpus")
+    @classmethod
+    def _known_stages(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        if any(x <= 0 for x in v.values()):
+            raise ValueError(f"values must be > 0, got {v}")
+        return v
+
+    def batch(self, stage: str) -> int:
+        return int(self.batch_size.get(stage, 8))
+
+    def pool(self, stage: str) -> int:
+        return int(self.pool_size.get(stage, 1))
+
+    def resolve(self) -> tuple[Any, Any]:
+        """(torch.device, torch.dtype): cuda when present, fp16 on cuda, fp32 on cpu, unless set."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if self.dtype == "auto":
+            dt = torch.float16 if dev.type == "cuda" else torch.float32
+        else:
+            dt = getattr(torch, self.dtype)
+        if dev.type == "cpu" and dt == torch.float16:
+            raise SpecError("runtime.dtype=float16 is not supported on CPU; use float32 or bfloat16")
+        return dev, dt
+
+
+class LimitsSpec(_Section):
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"])
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+
+class EditSpec(_Section):
+    input: str
+    output: str
+    models_dir: str | None = None
+    mode: Literal["edit", "remove", "detect", "segment"] = "edit"
+    detect: DetectSpec = Field(default_factory=DetectSpec)
+    segment: SegmentSpec = Field(default_factory=SegmentSpec)
+    mask: MaskSpec = Field(default_factory=MaskSpec)
+    inpaint: InpaintSpec = Field(default_factory=InpaintSpec)
+    qc: QCSpec = Field(default_factory=QCSpec)
+    lineage: LineageSpec = Field(default_factory=LineageSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @model_validator(mode="after")
+    def _env_models_dir(self) -> EditSpec:
+        if self.models_dir is None and os.environ.get("PROMPTPAINT_MODELS_DIR"):
+            object.__setattr__(self, "models_dir", os.environ["PROMPTPAINT_MODELS_DIR"])
+        return self
+
+    def output_hash_fields(self) -> dict[str, Any]:
+        """Every field that changes an output image; runtime and paths do not."""
+        return self.model_dump(include={"mode", "detect", "segment", "mask", "inpaint", "limits"})
+
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.output_hash_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``section.key`` -> value, for manifests and experiment parameters."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], yaml-scalar(value))."""
+    if "=" not in item:
+        raise SpecError(f"--set expects key.path=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise SpecError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid spec ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        given = e.get("input")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see examples/*.yaml for every key)"
+        elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        given_s = "" if isinstance(given, dict) else f" (given {given!r})"
+        lines.append(f"  {loc}: {msg}{given_s}")
+    return "\n".join(lines)
+
+
+def build_spec(model: type[BaseModel], data: dict[str, Any], source: str = "spec") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_edit_spec(path: str | Path, overrides: list[str] | None = None) -> EditSpec:
+    """Load YAML, apply ``--set`` overrides, validate.
+
+    Relative paths written in the spec file resolve against the spec's folder (so examples run from
+    anywhere); relative paths given with ``--set`` resolve against the current directory.
+    """
+    data = load_yaml(path)
+    base = Path(path).resolve().parent
+    for key in ("input", "output", "models_dir"):
+        v = data.get(key)
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v) and not v.startswith("~"):
+            data[key] = str(base / v)
+    data = apply_overrides(data, overrides or [])
+    return build_spec(EditSpec, data, source=str(path))
