@@ -45,6 +45,7 @@ class DetectSpec(_Section):
 class SegmentSpec(_Section):
     model: str = "sam"
     multimask: Literal["best", "largest", "single"] = "best"
+    clip_to_box: bool = Field(True, description="drop mask pixels outside the prompting box (SAM can leak)")
     points_file: str | None = None
 
 
@@ -61,6 +62,7 @@ class InpaintSpec(_Section):
     model: str = "sd15-inpaint"
     prompt: str = "a red vintage bicycle"
     negative_prompt: str = "blurry, low quality, distorted"
+    remove_prompt: str = "empty background, seamless continuation of the surroundings"
     steps: int = Field(30, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
     strength: float = Field(1.0, gt=0.0, le=1.0)
@@ -146,7 +148,7 @@ class EditSpec(_Section):
     input: str
     output: str
     models_dir: str | None = None
-    mode: Literal["edit", "remove", "detect", "segment"] = "edit"
+    mode: Literal["edit", "remove"] = "edit"
     detect: DetectSpec = Field(default_factory=DetectSpec)
     segment: SegmentSpec = Field(default_factory=SegmentSpec)
     mask: MaskSpec = Field(default_factory=MaskSpec)

@@ -1,0 +1,157 @@
+"""Masked regions -> repainted with a diffusion inpainting pipeline, at the image's full resolution.
+
+The model only ever sees a padded crop around the mask, resized to its working size; its output is
+resized back and blended into the original with the feathered mask. Pixels where the blend weight is
+0 are copied from the input, so they are bit-identical whatever the model does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from promptpaint.actors.common import Batch, active, derive_seed, ensure_column, run_with_fallback, timed
+from promptpaint.config import InpaintSpec, RuntimeSpec
+from promptpaint.models import inpaint_default_resolution, load_model
+
+# Crop aspect ratios the model is run at; a crop is squeezed to the nearest so rows batch together.
+ASPECT_BUCKETS = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A window of the image (pixel bounds, end-exclusive) and the size the model runs it at."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    model_h: int
+    model_w: int
+
+
+def plan_crop(blend: np.ndarray, padding: float, resolution: int) -> Crop:
+    """Square-ish padded window around the non-zero blend weights, and its model size.
+
+    blend (H, W) float32. The window covers the whole support plus ``padding`` x its longer side on
+    each side, is square where the image allows, and stays inside the image.
+    """
+    h, w = blend.shape
+    ys, xs = np.nonzero(blend)
+    by0, by1, bx0, bx1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = math.ceil(max(by1 - by0, bx1 - bx0) * (1 + 2 * padding))
+    ch, cw = min(max(side, by1 - by0), h), min(max(side, bx1 - bx0), w)
+    y0 = min(max((by0 + by1 - ch) // 2, 0), h - ch)
+    x0 = min(max((bx0 + bx1 - cw) // 2, 0), w - cw)
+    aspect = min(ASPECT_BUCKETS, key=lambda a: abs(math.log(a) - math.log(cw / ch)))
+    model_w = max(8, int(round(resolution * math.sqrt(aspect) / 8)) * 8)
+    model_h = max(8, int(round(resolution / math.sqrt(aspect) / 8)) * 8)
+    return Crop(y0, y0 + ch, x0, x0 + cw, model_h, model_w)
+
+
+def paste(image: np.ndarray, generated: np.ndarray, blend: np.ndarray, crop: Crop) -> np.ndarray:
+    """Blend a generated crop back into a copy of the image.
+
+    image (H, W, 3) uint8, generated (ch, cw, 3) uint8 at crop size, blend (H, W) float32 -> (H, W, 3) uint8.
+    Where ``blend == 0`` the input pixel is kept as is.
+    """
+    out = image.copy()
+    region = out[crop.y0 : crop.y1, crop.x0 : crop.x1]
+    a = blend[crop.y0 : crop.y1, crop.x0 : crop.x1, None]
+    mixed = np.rint(a * generated.astype(np.float32) + (1.0 - a) * region.astype(np.float32))
+    np.copyto(region, mixed.clip(0, 255).astype(np.uint8), where=a > 0)
+    return out
+
+
+class Inpainter:
+    """Repaint the masked region of each image.
+
+    Batch in:  image list[(H, W, 3) uint8], blend list[(H, W) float32], id list[str]
+    Batch out: + edited list[(H, W, 3) uint8], seed list[int], crop list[[y0, y1, x0, x1]]
+
+    Rows are grouped by model size and run as one pipeline call per group, each row with its own
+    ``torch.Generator`` seeded from (spec seed, image id): the result does not depend on the batch.
+    """
+
+    stage = "inpaint"
+
+    def __init__(
+        self,
+        spec: InpaintSpec,
+        runtime: RuntimeSpec,
+        models_dir: str | None = None,
+        mode: str = "edit",
+        queries: Sequence[str] = (),
+    ):
+        self.mode, self.queries = mode, list(queries)
+        self.spec = spec
+        self.device, self.dtype = runtime.resolve()
+        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype)
+        if self.loaded.entry.task != "inpaint":
+            raise ValueError(
+                f"inpaint.model={spec.model!r} is a {self.loaded.entry.task} model; "
+                "pick an inpainting model (see `promptpaint models list`)"
+            )
+        self.pipe = self.loaded.model
+        self.resolution = spec.resolution or inpaint_default_resolution(self.loaded)
+
+    def prompts(self) -> tuple[str, str]:
+        """(prompt, negative prompt) for this job; ``remove`` paints background and negates the objects."""
+        if self.mode == "remove":
+            negative = ", ".join([self.spec.negative_prompt, *self.queries]).strip(", ")
+            return self.spec.remove_prompt, negative
+        return self.spec.prompt, self.spec.negative_prompt
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> Batch:
+        edited = ensure_column(batch, "edited", lambda: np.zeros((0, 0, 3), np.uint8))
+        crops = ensure_column(batch, "crop", list)
+        seeds = ensure_column(batch, "seed", lambda: 0)
+        for i, row_id in enumerate(batch["id"]):
+            seeds[i] = derive_seed(self.spec.seed, row_id)
+        rows = active(batch)
+        plans = {i: plan_crop(batch["blend"][i], self.spec.padding, self.resolution) for i in rows}
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in rows:
+            groups.setdefault((plans[i].model_h, plans[i].model_w), []).append(i)
+
+        def inpaint(idx: list[int]) -> None:
+            c0 = plans[idx[0]]
+            images, masks, gens = [], [], []
+            for i in idx:
+                c = plans[i]
+                img = batch["image"][i][c.y0 : c.y1, c.x0 : c.x1]
+                msk = (batch["blend"][i][c.y0 : c.y1, c.x0 : c.x1] > 0).astype(np.uint8) * 255
+                images.append(Image.fromarray(img).resize((c.model_w, c.model_h), Image.LANCZOS))
+                masks.append(Image.fromarray(msk).resize((c.model_w, c.model_h), Image.NEAREST))
+                gens.append(torch.Generator("cpu").manual_seed(seeds[i]))
+            prompt, negative = self.prompts()
+            result = self.pipe(
+                prompt=[prompt] * len(idx),
+                negative_prompt=[negative] * len(idx),
+                image=images,
+                mask_image=masks,
+                height=c0.model_h,
+                width=c0.model_w,
+                num_inference_steps=self.spec.steps,
+                guidance_scale=self.spec.guidance_scale,
+                strength=self.spec.strength,
+                generator=gens,
+                output_type="np",
+            ).images
+            for k, i in enumerate(idx):
+                c = plans[i]
+                gen = (np.asarray(result[k], np.float32).clip(0, 1) * 255).round().astype(np.uint8)
+                gen = np.asarray(Image.fromarray(gen).resize((c.x1 - c.x0, c.y1 - c.y0), Image.LANCZOS))
+                edited[i] = paste(batch["image"][i], gen, batch["blend"][i], c)
+                crops[i] = [c.y0, c.y1, c.x0, c.x1]
+
+        with timed(batch, self.stage, rows):
+            for idx in groups.values():
+                run_with_fallback(batch, idx, self.stage, inpaint)
+        return batch

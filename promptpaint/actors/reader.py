@@ -1,0 +1,65 @@
+"""Paths -> decoded images with content ids (CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+
+import numpy as np
+
+from promptpaint.actors.common import Batch, ensure_column, new_rows, set_error, timed
+from promptpaint.config import LimitsSpec
+from promptpaint.io import DecodeError, content_id, decode_image, read_bytes
+
+
+class Reader:
+    """Read and decode inputs, with limits.
+
+    Batch in:  path list[str]
+    Batch out: id, path, status, error_*, image (H, W, 3) uint8, alpha (H, W) uint8 or (0, 0) when the
+               input has no transparency, width, height.
+    An input whose id is in ``done_ids`` gets status ``skipped`` and is not decoded.
+    """
+
+    stage = "read"
+
+    def __init__(self, limits: LimitsSpec, spec_hash: str, done_ids: Collection[str] = frozenset()):
+        self.limits = limits
+        self.spec_hash = spec_hash
+        self.done_ids = done_ids
+
+    def __call__(self, batch: dict[str, list]) -> Batch:
+        paths = [str(p) for p in batch["path"]]
+        out = new_rows([""] * len(paths), paths)
+        images = ensure_column(out, "image", lambda: np.zeros((0, 0, 3), np.uint8))
+        alphas = ensure_column(out, "alpha", lambda: np.zeros((0, 0), np.uint8))
+        width = ensure_column(out, "width", lambda: 0)
+        height = ensure_column(out, "height", lambda: 0)
+        with timed(out, self.stage, range(len(paths))):
+            for i, path in enumerate(paths):
+                try:
+                    data = read_bytes(path)
+                except Exception as e:  # noqa: BLE001 - unreadable input is a row error, not a job error
+                    # No bytes, so no content id: derive a stable one from the path instead.
+                    out["id"][i] = hashlib.sha256(f"unreadable:{path}:{self.spec_hash}".encode()).hexdigest()
+                    set_error(out, i, self.stage, "io_error", f"cannot read {path}: {type(e).__name__}: {e}")
+                    continue
+                out["id"][i] = content_id(data, self.spec_hash)
+                if out["id"][i] in self.done_ids:
+                    out["status"][i] = "skipped"
+                    continue
+                try:
+                    dec = decode_image(
+                        data,
+                        max_pixels=self.limits.max_pixels,
+                        formats=self.limits.formats,
+                        max_bytes=self.limits.max_bytes,
+                    )
+                except DecodeError as e:
+                    set_error(out, i, self.stage, e.kind, e.message)
+                    continue
+                images[i] = dec.rgb
+                if dec.alpha is not None:
+                    alphas[i] = dec.alpha
+                height[i], width[i] = dec.rgb.shape[:2]
+        return out

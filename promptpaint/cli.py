@@ -1,0 +1,112 @@
+"""``promptpaint`` command line.
+
+Exit codes: 0 ok (also when some rows failed: the summary says so), 1 the job failed,
+2 invalid spec or arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptpaint.config import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Bulk-edit images with prompts.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry and the tiny offline test set.")
+app.add_typer(models_app, name="models")
+
+EXIT_FAILED, EXIT_INVALID = 1, 2
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="EditSpec YAML file")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: key.path=value (YAML scalar)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list inputs, stages and pools; run nothing")] = False,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental",
+            help="skip input paths already in the manifest without reading them (for scheduled runs over "
+            "a growing folder); without it, every input is hashed and ids already done are skipped",
+        ),
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Run a bulk edit: detect -> segment -> inpaint every input, write images, masks and a manifest."""
+    from promptpaint.config import load_edit_spec
+
+    try:
+        edit = load_edit_spec(spec, set_ or [])
+    except SpecError as e:
+        raise _fail(str(e), EXIT_INVALID) from None
+
+    from promptpaint import manifest
+    from promptpaint.io import expand_input
+    from promptpaint.jobs.bulk_edit import describe_plan, format_summary, run_job
+    from promptpaint.models import ModelNotAvailable
+
+    if dry_run:
+        try:
+            paths = expand_input(edit.input)
+        except FileNotFoundError as e:
+            raise _fail(str(e), EXIT_INVALID) from None
+        typer.echo(describe_plan(edit, paths, len(manifest.done_ids(edit.output))))
+        return
+    try:
+        result = run_job(edit, progress=progress, incremental=incremental)
+    except FileNotFoundError as e:
+        raise _fail(f"input: {e}", EXIT_INVALID) from None
+    except (ModelNotAvailable, SpecError, ValueError) as e:
+        raise _fail(str(e), EXIT_FAILED) from None
+    except Exception as e:  # noqa: BLE001 - a failed job is exit 1 with the reason, never a bare traceback
+        raise _fail(f"job failed: {type(e).__name__}: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from e
+    typer.echo(format_summary(result))
+
+
+@models_app.command("list")
+def models_list(
+    models_dir: Annotated[
+        str | None, typer.Option(envvar="PROMPTPAINT_MODELS_DIR", help="local weights folder")
+    ] = None,
+) -> None:
+    """Every registered model: task, hub id, pinned revision, and whether it is available here."""
+    from promptpaint.models import MODELS, is_available
+
+    typer.echo(f"{'name':<16}{'task':<9}{'available':<11}{'hub id @ revision'}")
+    for name, e in MODELS.items():
+        ok = "yes" if is_available(name, models_dir) else "no"
+        typer.echo(f"{name:<16}{e.task:<9}{ok:<11}{e.hub_id} @ {e.revision}")
+
+
+@models_app.command("build-tiny")
+def models_build_tiny(
+    directory: Annotated[Path, typer.Argument(help="folder to write the tiny random-weight models into")],
+) -> None:
+    """Build the tiny random-weight model set (for tests and the offline demo; outputs are noise)."""
+    from promptpaint.models import build_tiny
+
+    for folder in build_tiny(directory):
+        typer.echo(f"built {folder}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as e:  # pragma: no cover - commands handle their own; this is the last guard
+        typer.secho(str(e), err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_INVALID)
+
+
+if __name__ == "__main__":
+    main()

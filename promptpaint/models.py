@@ -1,0 +1,547 @@
+"""Model registry, loaders and tiny random-weight miniatures.
+
+Every model promptpaint runs is a :class:`ModelEntry` in :data:`MODELS`. Loading goes through one
+``from_pretrained`` path whether the source is a local folder (``<models_dir>/<name>``) or a hub id, so the
+random-weight test set built by :func:`build_tiny` exercises exactly the code that loads real checkpoints.
+
+Per-family behaviour lives in small dicts (``_LOADERS``, ``_BUILDERS``, ``_PROBE_FILES``, ``_TARGET_SIZE``);
+adding a model is one registry entry, adding a family is one function per dict.
+
+This module reads no environment variables itself (``config.py`` resolves ``PROMPTPAINT_MODELS_DIR``);
+``HF_HUB_OFFLINE`` is honoured by huggingface_hub / transformers / diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+
+__all__ = [
+    "MODELS",
+    "LoadedModel",
+    "ModelEntry",
+    "ModelNotAvailable",
+    "build_tiny",
+    "get_entry",
+    "inpaint_default_resolution",
+    "is_available",
+    "load_model",
+    "owl_target_size",
+    "resolve_source",
+]
+
+# Written into every build_tiny folder; lets a rebuild replace that folder without clobbering real weights.
+TINY_MARKER = "promptpaint_tiny.json"
+
+
+class ModelNotAvailable(RuntimeError):
+    """The weights for a registry entry could be found neither locally nor on (or cached from) the hub."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # registry key
+    task: str  # "detect" | "segment" | "inpaint"
+    family: str  # selects loader / builder: "owlv2" | "owlvit" | "sam" | "sd-inpaint"
+    hub_id: str
+    revision: str | None  # pinned hub commit; ignored for local folders
+    default_resolution: int | None  # inpaint only: the checkpoint's native square side
+    description: str
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    source: str  # local folder or hub id actually loaded
+    revision: str | None  # resolved commit when known, else the requested revision, else "local"
+    processor: Any  # transformers processor (detect/segment); None for diffusers pipelines
+    model: Any  # transformers model in eval mode, or a diffusers pipeline
+
+
+# Revisions are the hub commits pinned by several independent public projects (found via code search);
+# bump them deliberately, together with a run against the real checkpoints.
+MODELS: dict[str, ModelEntry] = {
+    e.name: e
+    for e in (
+        ModelEntry(
+            name="owlv2",
+            task="detect",
+            family="owlv2",
+            hub_id="google/owlv2-base-patch16-ensemble",
+            revision="cfd3195ba4ea9592eec887ded089f4c08eff231d",
+            default_resolution=None,
+            description="OWLv2 ViT-B/16 open-vocabulary detector (960 px, pads to square)",
+        ),
+        ModelEntry(
+            name="owlvit",
+            task="detect",
+            family="owlvit",
+            hub_id="google/owlvit-base-patch32",
+            revision="cbc355fb364588351c5d51c7f74465e8e7ec6f72",
+            default_resolution=None,
+            description="OWL-ViT ViT-B/32 open-vocabulary detector (768 px, stretches to square)",
+        ),
+        ModelEntry(
+            name="sam",
+            task="segment",
+            family="sam",
+            hub_id="facebook/sam-vit-base",
+            revision="70c1a07f894ebb5b307fd9eaaee97b9dfc16068f",
+            default_resolution=None,
+            description="Segment Anything ViT-B, box/point prompted masks (1024 px longest edge)",
+        ),
+        ModelEntry(
+            name="sd15-inpaint",
+            task="inpaint",
+            family="sd-inpaint",
+            hub_id="stable-diffusion-v1-5/stable-diffusion-inpainting",
+            revision="8a4288a76071f7280aedbdb3253bdb9e9d5d84bb",
+            default_resolution=512,
+            description="Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
+        ),
+    )
+}
+
+
+def get_entry(name: str) -> ModelEntry:
+    """Registry lookup; an unknown name is a ValueError that lists the known ones."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def resolve_source(name: str, models_dir: str | None) -> tuple[str, bool]:
+    """Return ``(models_dir/name, True)`` if that folder exists, else ``(hub_id, False)``."""
+    entry = get_entry(name)
+    if models_dir is not None:
+        local = Path(models_dir) / name
+        if local.is_dir():
+            return str(local), True
+    return entry.hub_id, False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+# (processor, model, commit-or-None); ``revision`` is None for local folders.
+Loader = Callable[[str, str | None, torch.dtype], tuple[Any, Any, str | None]]
+
+
+def _hub_kwargs(revision: str | None) -> dict[str, Any]:
+    # Local folders take no revision: passing one would be meaningless and confuses cache lookups.
+    return {} if revision is None else {"revision": revision}
+
+
+def _transformers_loader(processor_cls: str, model_cls: str) -> Loader:
+    def load(source: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
+        import transformers
+
+        kw = _hub_kwargs(revision)
+        processor = getattr(transformers, processor_cls).from_pretrained(source, **kw)
+        model = getattr(transformers, model_cls).from_pretrained(source, dtype=dtype, **kw)
+        return processor, model, getattr(model.config, "_commit_hash", None)
+
+    return load
+
+
+def _load_sd_inpaint(source: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        source,
+        dtype=dtype,  # diffusers 0.42 deprecates torch_dtype= in favour of dtype=
+        safety_checker=None,  # bulk editing of user images; the checker also doubles memory
+        requires_safety_checker=False,
+        **_hub_kwargs(revision),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return None, pipe, None
+
+
+_LOADERS: dict[str, Loader] = {
+    "owlv2": _transformers_loader("Owlv2Processor", "Owlv2ForObjectDetection"),
+    "owlvit": _transformers_loader("OwlViTProcessor", "OwlViTForObjectDetection"),
+    "sam": _transformers_loader("SamProcessor", "SamModel"),
+    "sd-inpaint": _load_sd_inpaint,
+}
+
+# Files whose presence in the HF cache counts as "this checkpoint is cached" (configs, not weights:
+# weight file names vary between safetensors / bin / fp16 variants).
+_PROBE_FILES: dict[str, tuple[str, ...]] = {
+    "owlv2": ("config.json", "preprocessor_config.json"),
+    "owlvit": ("config.json", "preprocessor_config.json"),
+    "sam": ("config.json", "preprocessor_config.json"),
+    "sd-inpaint": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
+}
+
+
+def _not_available(
+    entry: ModelEntry, models_dir: str | None, is_local: bool, cause: BaseException
+) -> ModelNotAvailable:
+    looked = str(Path(models_dir) / entry.name) if models_dir is not None else "<no models_dir set>"
+    first_line = (str(cause).splitlines() or [""])[0][:300]
+    hub = f"{entry.hub_id}@{entry.revision or 'main'}"
+    where = (
+        f"found {looked} but could not load it"
+        if is_local
+        else f"looked in {looked} (no such folder) and on the hub for {hub}"
+    )
+    return ModelNotAvailable(
+        f"model {entry.name!r} is not available: {where} ({type(cause).__name__}: {first_line}).\n"
+        "Fix one of: set models_dir (or PROMPTPAINT_MODELS_DIR) to a folder containing a complete "
+        f"'{entry.name}/'; unset HF_HUB_OFFLINE and make sure the hub is reachable (or the checkpoint is in "
+        "the HF cache); or run `promptpaint models build-tiny DIR` and point models_dir at DIR for the "
+        "random-weight test set."
+    )
+
+
+def _cached_commit(hub_id: str, filename: str, revision: str | None) -> str | None:
+    """Commit sha of the cached snapshot holding ``filename`` (``.../snapshots/<sha>/<filename>``)."""
+    path = try_to_load_from_cache(hub_id, filename, revision=revision)
+    if not isinstance(path, str):
+        return None
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def load_model(name: str, models_dir: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load ``name`` from ``models_dir/name`` if present, else from the hub at the pinned revision.
+
+    Raises ModelNotAvailable (with the fix) when neither has the weights; other errors propagate.
+    """
+    entry = get_entry(name)
+    source, is_local = resolve_source(name, models_dir)
+    requested = None if is_local else entry.revision
+    try:
+        processor, model, commit = _LOADERS[entry.family](source, requested, dtype)
+    # transformers / diffusers / huggingface_hub report missing files and offline misses as these.
+    except (OSError, EntryNotFoundError) as e:
+        raise _not_available(entry, models_dir, is_local, e) from e
+    model = model.to(device)
+    if hasattr(model, "eval"):
+        model.eval()  # pipelines have no eval(); diffusers already loads their modules in eval mode
+    if commit is None and not is_local:
+        commit = _cached_commit(entry.hub_id, _PROBE_FILES[entry.family][0], entry.revision)
+    revision = "local" if is_local else (commit or entry.revision)
+    return LoadedModel(entry=entry, source=source, revision=revision, processor=processor, model=model)
+
+
+def is_available(name: str, models_dir: str | None) -> bool:
+    """True if ``models_dir/name`` exists or the pinned checkpoint's config files are in the HF cache.
+
+    Never touches the network.
+    """
+    entry = get_entry(name)
+    if resolve_source(name, models_dir)[1]:
+        return True
+    return all(
+        isinstance(try_to_load_from_cache(entry.hub_id, f, revision=entry.revision), str)
+        for f in _PROBE_FILES[entry.family]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Family-specific helpers for callers
+# --------------------------------------------------------------------------------------------------------
+
+_TARGET_SIZE: dict[str, Callable[[int, int], tuple[int, int]]] = {
+    # OWLv2 pads the image bottom/right to a square before resizing, so predicted boxes are normalised to
+    # the padded square. Passing (side, side) with side = max(h, w) maps them to original pixel coordinates
+    # (the padding only ever lies beyond the image). transformers 5.23 also accepts (h, w) here because its
+    # OWLv2 post-process scales by max(h, w) itself; (side, side) is correct in every version.
+    "owlv2": lambda h, w: (max(h, w), max(h, w)),
+    # OWL-ViT stretches the image to a square, so normalised boxes scale by the original (h, w).
+    "owlvit": lambda h, w: (h, w),
+}
+
+
+def owl_target_size(h: int, w: int, family: str) -> tuple[int, int]:
+    """``target_sizes`` entry (height, width) to pass to the OWL post-process for an h x w original image."""
+    try:
+        return _TARGET_SIZE[family](h, w)
+    except KeyError:
+        known = sorted(_TARGET_SIZE)
+        raise ValueError(f"no OWL target-size rule for family {family!r}; known: {known}") from None
+
+
+def inpaint_default_resolution(loaded: LoadedModel) -> int:
+    """Natural square side of an inpaint pipeline: UNet sample size x VAE scale (512 for SD1.5, 64 tiny)."""
+    pipe = loaded.model
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny random-weight miniatures
+# --------------------------------------------------------------------------------------------------------
+
+TINY_OWL_IMAGE_SIZE = 64  # vision input side; patch 8 -> 8x8 = 64 box predictions per image
+TINY_SAM_IMAGE_SIZE = 64  # longest edge and pad size; patch 8 -> 8x8 image embedding, 32x32 low-res masks
+TINY_TEXT_LEN_OWL = 16  # OWL's real text length
+TINY_TEXT_LEN_SD = 77  # CLIP's real text length (the SD pipeline pads prompts to model_max_length)
+
+# Merges for a few frequent English pieces, so common words become single tokens like in real CLIP.
+_TINY_MERGES: tuple[tuple[str, str], ...] = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "r</w>"),
+    ("c", "ar</w>"),
+    ("o", "g</w>"),
+    ("d", "og</w>"),
+    ("i", "n"),
+    ("e", "r</w>"),
+    ("o", "n</w>"),
+    ("a", "n"),
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP/GPT-2 byte-level alphabet: the 256 printable stand-ins for bytes 0..255, in CLIP's vocab order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    chars = [chr(b) for b in printable]
+    chars += [chr(256 + i) for i in range(256 - len(printable))]  # the remaining bytes, remapped
+    return chars
+
+
+def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab (byte chars, their ``</w>`` forms, merge results, then BOS, then EOS last) and merges.
+
+    BOS must not be id 0: OWL treats a query whose first id is 0 as padding and masks it out.
+    EOS must be the highest id: CLIP-style text towers pool at ``input_ids.argmax(-1)``.
+    """
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in _TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, list(_TINY_MERGES)
+
+
+def tiny_tokenizer(model_max_length: int) -> Any:
+    """CLIP BPE tokenizer over :func:`_tiny_vocab`; pad = EOS as in the real CLIP/SD tokenizers."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _tiny_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _tiny_text_config(tok: Any, max_len: int) -> dict[str, Any]:
+    """Shared text-tower sizes; vocab and special ids follow the tiny tokenizer."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": max_len,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def _tiny_owl_vision_config() -> dict[str, Any]:
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": TINY_OWL_IMAGE_SIZE,
+        "patch_size": 8,
+    }
+
+
+def _build_owl(config_cls: str, model_cls: str, image_processor: Any, processor_cls: str) -> list[Any]:
+    import transformers
+
+    tok = tiny_tokenizer(TINY_TEXT_LEN_OWL)
+    config = getattr(transformers, config_cls)(
+        text_config=_tiny_text_config(tok, TINY_TEXT_LEN_OWL),
+        vision_config=_tiny_owl_vision_config(),
+        projection_dim=32,
+    )
+    model = getattr(transformers, model_cls)(config)
+    _calm_owl_heads(model)
+    processor = getattr(transformers, processor_cls)(image_processor=image_processor, tokenizer=tok)
+    return [processor, model]
+
+
+def _calm_owl_heads(model: Any) -> None:
+    """Shrink the random box and score heads so a tiny OWL behaves like a detector, not a saturated one.
+
+    With default init the box head saturates its sigmoid (every box collapses onto the image corner)
+    and every score is 1.0. Scaled down, boxes sit near their patch with a patch-sized extent and
+    scores spread around 0.5, so thresholds, top-k and clipping are exercised by the tests.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.box_head.dense2.weight.mul_(1e-3)
+        model.box_head.dense2.bias.zero_()
+        for layer in (model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.mul_(1e-2)
+            layer.bias.zero_()
+
+
+def _build_owlv2() -> list[Any]:
+    from transformers import Owlv2ImageProcessor
+
+    # Owlv2ImageProcessor pads to a square itself, then resizes to this side.
+    image_processor = Owlv2ImageProcessor(size={"height": TINY_OWL_IMAGE_SIZE, "width": TINY_OWL_IMAGE_SIZE})
+    return _build_owl("Owlv2Config", "Owlv2ForObjectDetection", image_processor, "Owlv2Processor")
+
+
+def _build_owlvit() -> list[Any]:
+    from transformers import OwlViTImageProcessor
+
+    side = {"height": TINY_OWL_IMAGE_SIZE, "width": TINY_OWL_IMAGE_SIZE}
+    image_processor = OwlViTImageProcessor(size=side, crop_size=side, do_center_crop=False)
+    return _build_owl("OwlViTConfig", "OwlViTForObjectDetection", image_processor, "OwlViTProcessor")
+
+
+def _build_sam() -> list[Any]:
+    """Tiny SAM. Every width must be equal (vision hidden/output, prompt encoder, mask decoder) because the
+    decoder adds prompt and image embeddings, and the shared positional embedding has width/2 features."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    width, patch, side = 32, 8, TINY_SAM_IMAGE_SIZE
+    config = SamConfig(
+        vision_config={
+            "hidden_size": width,
+            "output_channels": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": side,
+            "patch_size": patch,
+            "window_size": 4,  # 8x8 token grid -> 2x2 windows
+            "global_attn_indexes": [1],
+            "num_pos_feats": width // 2,
+            "mlp_dim": 64,
+        },
+        prompt_encoder_config={
+            "hidden_size": width,
+            "image_size": side,
+            "patch_size": patch,
+            "mask_input_channels": 4,
+        },
+        mask_decoder_config={
+            "hidden_size": width,
+            "mlp_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
+    )
+    # Resize the longest edge to the model side and pad to a square of it, like 1024 for the real SAM.
+    image_processor = SamImageProcessor(
+        size={"longest_edge": side},
+        pad_size={"height": side, "width": side},
+        mask_size={"longest_edge": side // 4},
+        mask_pad_size={"height": side // 4, "width": side // 4},
+    )
+    return [SamProcessor(image_processor=image_processor), SamModel(config)]
+
+
+def _build_sd_inpaint() -> list[Any]:
+    """Tiny SD1.5 inpaint pipeline, after diffusers' own ``get_dummy_components``.
+
+    UNet sample 32 x VAE scale 2 (two VAE blocks) = 64 px natural resolution.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=9,  # 4 noisy latents + 4 masked-image latents + 1 mask
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    tok = tiny_tokenizer(TINY_TEXT_LEN_SD)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tok, TINY_TEXT_LEN_SD)))
+    # SD1.5's own beta schedule; DDIM is deterministic given the generator and fine with 1-2 steps.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return [pipe]
+
+
+# Each builder returns objects with ``save_pretrained``, all saved into the same folder.
+_BUILDERS: dict[str, Callable[[], list[Any]]] = {
+    "owlv2": _build_owlv2,
+    "owlvit": _build_owlvit,
+    "sam": _build_sam,
+    "sd-inpaint": _build_sd_inpaint,
+}
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished build into place, refusing to clobber a folder build_tiny did not create."""
+    if target.exists():
+        if not (target / TINY_MARKER).is_file():
+            shutil.rmtree(tmp)
+            raise FileExistsError(f"{target} exists and is not a promptpaint tiny model; not overwriting it")
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def build_tiny(models_dir: str | Path, names: list[str] | None = None, seed: int = 0) -> list[Path]:
+    """Build random-weight miniatures into ``models_dir/<name>`` and return the folders.
+
+    Deterministic: each model is initialised right after ``torch.manual_seed(seed)``, so rebuilding gives
+    identical weights. Each folder is written to a temp dir first and swapped in, so a crash never leaves
+    a half-written model that :func:`resolve_source` would pick up.
+    """
+    root = Path(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    entries = [get_entry(n) for n in (names if names is not None else list(MODELS))]
+    out = []
+    for entry in entries:
+        torch.manual_seed(seed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder should be readable like any other
+        for obj in _BUILDERS[entry.family]():
+            obj.save_pretrained(tmp)
+        marker = {"name": entry.name, "family": entry.family, "seed": seed, "stands_in_for": entry.hub_id}
+        (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        target = root / entry.name
+        _replace_dir(tmp, target)
+        out.append(target)
+    return out
