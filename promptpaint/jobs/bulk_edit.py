@@ -178,8 +178,8 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
                 "folder holding it, download it with hub access (unset HF_HUB_OFFLINE), or run "
                 "`promptpaint models build-tiny DIR` for the random-weight test set."
             )
-        source, _ = resolve_source(name, spec.models_dir)
-        out[stage] = {"name": name, "source": source, "revision": entry.revision}
+        source, local = resolve_source(name, spec.models_dir)
+        out[stage] = {"name": name, "source": source, "revision": "local" if local else entry.revision}
     return out
 
 
