@@ -158,7 +158,9 @@ def test_memory_filesystem_end_to_end(tiny_models):
     fs.pipe("memory://pp-in/broken.jpg", b"not an image")
     spec = make_spec("memory://pp-in", "memory://pp-out", tiny_models, executor="local")
     result = run_job(spec, progress=False)
-    rows = assert_complete("memory://pp-out", [f"memory://pp-in/{n}" for n in ("broken.jpg", "img0.png", "img1.png", "img2.png")])
+    rows = assert_complete(
+        "memory://pp-out", [f"memory://pp-in/{n}" for n in ("broken.jpg", "img0.png", "img1.png", "img2.png")]
+    )
     assert rows["memory://pp-in/broken.jpg"]["error_kind"] == "undecodable"
     assert result.counts.get("error") == 1
     fs.rm("memory://pp-in", recursive=True)

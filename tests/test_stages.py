@@ -549,9 +549,9 @@ def test_plan_crop_wide_strip_uses_wide_bucket() -> None:
     assert (c.y0, c.y1, c.x0, c.x1) == (0, 100, 0, 400)  # the padded square is clipped to the image
     assert c.model_w > c.model_h
     assert c.model_w / c.model_h == pytest.approx(max(ASPECT_BUCKETS), rel=0.05)  # 4:1 crop -> widest bucket
-    assert (c.model_h, c.model_w) == (360, 720)
+    assert (c.model_h, c.model_w) == (360, 728)  # 512 * sqrt(2) = 724 -> 728, 512 / sqrt(2) = 362 -> 360
     tall = plan_crop(blend.T.copy(), 0.25, 512)  # and the transpose picks the tallest bucket
-    assert (tall.model_h, tall.model_w) == (720, 360)
+    assert (tall.model_h, tall.model_w) == (728, 360)
 
 
 def test_paste_keeps_untouched_pixels_bit_exact() -> None:
@@ -773,4 +773,3 @@ def test_chain_all_stages_bad_file_does_not_stop_others(tiny_models: Path, sampl
         for stage, name in (("detect", "owlv2"), ("segment", "sam"), ("inpaint", "sd15-inpaint"))
     }
     assert not any(isinstance(v, np.ndarray) for col in out.values() for v in col)
-

@@ -44,7 +44,7 @@ def dilate_and_feather(mask: np.ndarray, dilate_px: int, feather_px: int) -> tup
     dilated = np.zeros_like(mask)
     blend = np.zeros(mask.shape, np.float32)
     dilated[y0:y1, x0:x1] = dist <= dilate_px
-    ramp = 1.0 - (dist - dilate_px) / (feather_px + 1)
+    ramp = 1.0 - (dist - dilate_px) / (feather_px + 1) if feather_px else (dist <= dilate_px).astype(np.float64)
     blend[y0:y1, x0:x1] = np.clip(ramp, 0.0, 1.0).astype(np.float32)
     return dilated, blend
 

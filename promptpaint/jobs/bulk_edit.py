@@ -323,11 +323,17 @@ def describe_plan(spec: EditSpec, paths: list[str], done: int) -> str:
     return "\n".join(lines)
 
 
-def run_job(spec: EditSpec, progress: bool = True, incremental: bool = False) -> JobResult:
+def run_job(
+    spec: EditSpec,
+    progress: bool = True,
+    incremental: bool = False,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+) -> JobResult:
     """Run the bulk edit; returns the summary. Per-row failures are rows, not exceptions.
 
     Inputs whose id (content hash + spec hash) is already in the manifest are skipped after reading
     their bytes. ``incremental`` also skips input *paths* this spec already processed, unread.
+    ``on_batch`` sees each result batch (manifest columns) as it reaches the driver.
     """
     t0 = time.perf_counter()
     # 1. Inputs, models and what is already done.
@@ -355,6 +361,8 @@ def run_job(spec: EditSpec, progress: bool = True, incremental: bool = False) ->
     try:
         for batch in batches(spec, paths, ctx):
             consumer.consume(batch)
+            if on_batch is not None:
+                on_batch(batch)
     finally:
         consumer.close()
     # 3. Summary, then _SUCCESS last.
