@@ -24,7 +24,7 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DetectSpec(_Section):
@@ -180,7 +180,7 @@ class EditSpec(_Section):
         out: dict[str, Any] = {}
 
         def walk(prefix: str, obj: Any) -> None:
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and obj:
                 for k, v in obj.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:
@@ -202,6 +202,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "a cat: sitting" is a prompt, not a mapping; write {a: b} for a mapping
     return path, value
 
 

@@ -159,9 +159,11 @@ def test_overrides_are_yaml_scalars() -> None:
     assert s.runtime.batch_size == {"inpaint": 2, "detect": 4} and s.runtime.batch("inpaint") == 2
     assert s.inpaint.resolution is None
     assert _with(["inpaint.prompt=a=b"]).inpaint.prompt == "a=b"  # only the first '=' splits
-    # Values are YAML: an unquoted 'key: value' is a mapping, which a string field rejects by path.
+    # Values are YAML, but an unbraced 'key: value' stays the string the user typed; numbers coerce too.
+    assert _with(["inpaint.prompt=a cat: sitting"]).inpaint.prompt == "a cat: sitting"
+    assert _with(["inpaint.prompt=1984"]).inpaint.prompt == "1984"
     with pytest.raises(SpecError, match=r"inpaint\.prompt"):
-        _with(["inpaint.prompt=a cat: sitting"])
+        _with(["inpaint.prompt={a: b}"])
 
 
 def test_parse_override() -> None:

@@ -692,6 +692,14 @@ def test_writer_writes_pngs_with_text_and_truthful_masks(inpainter: Inpainter, t
     assert not changed[mask == 0].any()  # mask == 0 => pixel identical to the input
 
 
+def test_blend_to_mask_png_rounds_up() -> None:
+    blend = np.array([[0.0, 1e-6, 0.5 / 255, 0.25], [0.5, 254.5 / 255, 1.0, 0.0]], np.float32)
+    mask = blend_to_mask_png(blend)
+    assert mask.dtype == np.uint8
+    # any weight > 0 -> non-zero, so mask == 0 really means "copied from the input"
+    assert mask.tolist() == [[0, 1, 1, 64], [128, 255, 255, 0]]
+
+
 def test_writer_restores_alpha(inpainter: Inpainter, tmp_path: Path) -> None:
     rgb = _scene(48, 64, 2)
     alpha = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))

@@ -28,7 +28,7 @@ def dilate_and_feather(mask: np.ndarray, dilate_px: int, feather_px: int) -> tup
 
     mask (H, W) bool -> (dilated (H, W) bool, blend (H, W) float32 in [0, 1]).
     ``blend`` is 1 on the dilated mask, falls linearly with the Euclidean distance beyond it and is
-    exactly 0 farther than ``dilate_px + feather_px`` from the mask: the support is bounded, so the
+    exactly 0 at ``dilate_px + feather_px + 1`` px or more from the mask: the support is bounded, so the
     pixels outside it can be copied bit-exactly from the input.
     """
     h, w = mask.shape
