@@ -278,7 +278,7 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
                     "num_threads": max(1, int(g.num_cpus)),
                     "numpy_out": True,
                 },
-                compute=ray.data.ActorPoolStrategy(size=g.pool),
+                compute=ray.data.ActorPoolStrategy(size=g.pool, enable_true_multi_threading=True),
                 batch_size=g.batch_size,
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
