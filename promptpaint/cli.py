@@ -54,6 +54,7 @@ def run(
     from promptpaint import manifest
     from promptpaint.io import expand_input
     from promptpaint.jobs.bulk_edit import describe_plan, format_summary, run_job
+    from promptpaint.lineage import LineageUnavailable
     from promptpaint.models import ModelNotAvailable
 
     if dry_run:
@@ -64,10 +65,10 @@ def run(
         typer.echo(describe_plan(edit, paths, len(manifest.done_ids(edit.output))))
         return
     try:
-        result = run_job(edit, progress=progress, incremental=incremental)
+        result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
     except FileNotFoundError as e:
         raise _fail(f"input: {e}", EXIT_INVALID) from None
-    except (ModelNotAvailable, SpecError, ValueError) as e:
+    except (ModelNotAvailable, LineageUnavailable, SpecError, ValueError) as e:
         raise _fail(str(e), EXIT_FAILED) from None
     except Exception as e:  # noqa: BLE001 - a failed job is exit 1 with the reason, never a bare traceback
         raise _fail(f"job failed: {type(e).__name__}: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from e

@@ -19,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 STAGES = ("read", "detect", "segment", "mask", "inpaint", "write")
 
 
+def comet_env() -> dict[str, Any]:
+    """Comet settings from the environment (the one place promptpaint reads them)."""
+    return {
+        "api_key": os.environ.get("COMET_API_KEY") or None,
+        "project": os.environ.get("COMET_PROJECT_NAME") or "promptpaint",
+        "workspace": os.environ.get("COMET_WORKSPACE") or None,
+    }
+
+
 class SpecError(ValueError):
     """An invalid spec or override. The CLI turns it into exit code 2."""
 
@@ -83,10 +92,14 @@ class QCSpec(_Section):
 
 
 class LineageSpec(_Section):
-    mode: Literal["off", "offline", "online", "auto"] = "off"
-    project: str = "promptpaint"
-    sample_images: int = Field(16, ge=0)
-    require: bool = False
+    mode: Literal["off", "offline", "online", "auto"] = Field(
+        "auto", description="auto = online when COMET_API_KEY is set, else an offline archive in <output>/comet/"
+    )
+    project: str | None = Field(None, description="Comet project; None = COMET_PROJECT_NAME or 'promptpaint'")
+    workspace: str | None = Field(None, description="Comet workspace; None = COMET_WORKSPACE or the key's default")
+    sample_images: int = Field(16, ge=0, le=1000)
+    metrics_every_s: float = Field(10.0, ge=0.0, description="at most one metrics call per this many seconds")
+    require: bool = Field(False, description="fail at start (before model work) if Comet cannot be used")
 
 
 class RuntimeSpec(_Section):

@@ -333,6 +333,10 @@ def content_id(data: bytes, spec_hash: str) -> str:
 
 def read_bytes(uri: str) -> bytes:
     """Read a whole file from a local path or fsspec URI."""
+    if "://" not in uri and os.path.isfile(uri):
+        # A local file, read as named: fsspec would parse "a::b.jpg" as a URL chain and miss it.
+        with open(uri, "rb") as f:
+            return f.read()
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)
 

@@ -82,6 +82,19 @@ def done_ids(output: str) -> set[str]:
     return set() if table is None else set(table.column("id").to_pylist())
 
 
+def combine(uris: list[str]) -> bytes | None:
+    """Several manifest parts as one Parquet file's bytes (None when there are none)."""
+    if not uris:
+        return None
+    tables = []
+    for uri in uris:
+        with fsspec.open(uri, "rb") as f:
+            tables.append(pq.read_table(f))
+    sink = _io.BytesIO()
+    pq.write_table(pa.concat_tables(tables, promote_options="permissive"), sink, compression="zstd")
+    return sink.getvalue()
+
+
 def done_paths(output: str, spec_hash: str) -> set[str]:
     """Input paths this spec already processed (for ``--incremental``: skip them unread)."""
     table = read_manifest(output, columns=["input_path", "spec_hash"])
@@ -129,6 +142,7 @@ class ManifestWriter:
         self.buffer: list[dict[str, Any]] = []
         self.parts = 0
         self.rows = 0
+        self.written: list[str] = []
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         self.buffer.extend(rows)
@@ -141,7 +155,9 @@ class ManifestWriter:
         sink = _io.BytesIO()
         pq.write_table(to_table(self.buffer), sink, compression="zstd")
         name = f"part-{self.run}-{self.parts:05d}.parquet"
-        atomic_write(join(self.output, MANIFEST_DIR, name), sink.getvalue())
+        uri = join(self.output, MANIFEST_DIR, name)
+        atomic_write(uri, sink.getvalue())
+        self.written.append(uri)
         self.parts += 1
         self.rows += len(self.buffer)
         self.buffer = []

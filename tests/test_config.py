@@ -60,7 +60,7 @@ def test_editspec_defaults() -> None:
     assert i.model == "sd15-inpaint" and i.prompt == "a red vintage bicycle"
     assert (i.steps, i.guidance_scale, i.strength, i.seed, i.resolution, i.padding) == (30, 7.5, 1.0, 0, None, 0.25)
     assert s.qc.enabled is False
-    assert s.lineage.mode == "off" and s.lineage.require is False
+    assert s.lineage.mode == "auto" and s.lineage.require is False
     r = s.runtime
     assert (r.executor, r.device, r.dtype, r.fuse, r.num_cpus, r.manifest_every) == (
         "ray",

@@ -41,6 +41,21 @@ def blend_to_mask_png(blend: np.ndarray) -> np.ndarray:
     return np.ceil(blend * 255.0).clip(0, 255).astype(np.uint8)
 
 
+def utf8_safe(v: Any) -> Any:
+    """Strings that Arrow and PNG text can store: a non-UTF-8 file name (lone surrogates after
+    ``os.fsdecode``) is kept readable with its odd bytes written as ``\\xNN``; other values pass through."""
+    if not isinstance(v, str):
+        return v
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        try:
+            return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -79,7 +94,7 @@ class Writer:
                     **self.png_text,
                     "promptpaint:id": row_id,
                     "promptpaint:seed": str(batch["seed"][i]),
-                    "promptpaint:input_path": batch["path"][i],
+                    "promptpaint:input_path": utf8_safe(batch["path"][i]),
                 }
                 img_uri = join(self.output, "images", f"{row_id}.png")
                 msk_uri = join(self.output, "masks", f"{row_id}.png")
@@ -90,7 +105,7 @@ class Writer:
         slim: Batch = {}
         for col in MANIFEST_COLUMNS:
             values = batch[col] if col in batch else [_DEFAULTS.get(col, "")] * n
-            slim[col] = [json.dumps(_jsonable(v)) for v in values] if col in JSON_COLUMNS else list(values)
+            slim[col] = [json.dumps(_jsonable(v)) for v in values] if col in JSON_COLUMNS else [utf8_safe(v) for v in values]
         for stage in TIMING_STAGES:
             slim[f"t_{stage}_ms"] = [float(x) for x in batch.get(f"t_{stage}_ms", [0.0] * n)]
         return slim

@@ -29,6 +29,7 @@ from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
 from promptpaint.config import STAGES, EditSpec
 from promptpaint.io import expand_input
+from promptpaint.lineage import Lineage, job_name, running_stats
 from promptpaint.models import ModelNotAvailable, get_entry, is_available, resolve_source
 
 MODEL_STAGES = ("detect", "segment", "inpaint")
@@ -184,14 +185,21 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
 
 
 class _Consumer:
-    """Driver side: turn slim result rows into manifest rows, count, and show progress."""
+    """Driver side: turn slim result rows into manifest rows, count, show progress, feed lineage."""
 
-    def __init__(self, spec: EditSpec, total: int, progress: bool):
+    def __init__(self, spec: EditSpec, total: int, progress: bool, lineage: Lineage):
         self.spec = spec
+        self.lineage = lineage
+        self.lineage_cols = {
+            "experiment_key": lineage.key,
+            "lineage_mode": lineage.mode,
+            "lineage_artifact": lineage.artifact_note(),
+        }
         self.writer = manifest.ManifestWriter(spec.output, spec.runtime.manifest_every)
         self.flat_spec = {f"spec.{k}": _scalar(v) for k, v in spec.flat().items()}
         self.spec_hash = spec.spec_hash()
         self.seen: set[tuple[str, str]] = set()
+        self.rows = 0
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.stage_ms: Counter[str] = Counter()
@@ -204,6 +212,7 @@ class _Consumer:
             row = {k: _py(v[i]) for k, v in batch.items()}
             key = (row["id"], row["path"])
             self.counts[row["status"]] += 1
+            self.rows += 1
             self.bar.update(1)
             if row["status"] == "skipped" or key in self.seen:  # already in the manifest
                 continue
@@ -213,6 +222,7 @@ class _Consumer:
             for s in TIMING_STAGES:
                 self.stage_ms[s] += row.get(f"t_{s}_ms", 0.0)
             rows.append(self._manifest_row(row))
+            self.lineage.see(rows[-1])
         self.writer.add(rows)
 
     def _manifest_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +231,7 @@ class _Consumer:
         for c in JSON_COLUMNS:
             out[c] = json.loads(row[c])
         out["spec_hash"] = self.spec_hash
-        out["experiment_key"] = ""
+        out.update(self.lineage_cols)
         for stage, info in json.loads(row.get("models") or "{}").items():
             for k, v in info.items():
                 out[f"model.{stage}.{k}"] = v
@@ -328,6 +338,7 @@ def run_job(
     progress: bool = True,
     incremental: bool = False,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
+    spec_path: str | None = None,
 ) -> JobResult:
     """Run the bulk edit; returns the summary. Per-row failures are rows, not exceptions.
 
@@ -339,6 +350,9 @@ def run_job(
     # 1. Inputs, models and what is already done.
     all_paths = expand_input(spec.input)
     models = check_models(spec)
+    # Lineage opens before any model work: its key goes into every PNG and manifest row, and
+    # lineage.require fails here, not after hours of GPU time.
+    lineage = Lineage.start(spec, job_name(spec), spec_path, models)
     done = frozenset(manifest.done_ids(spec.output))
     paths = all_paths
     if incremental:
@@ -352,19 +366,24 @@ def run_job(
             "promptpaint:prompt": spec.inpaint.prompt,
             "promptpaint:negative_prompt": spec.inpaint.negative_prompt,
             "promptpaint:models": json.dumps(models, sort_keys=True),
+            "promptpaint:experiment_key": lineage.key,
         },
     )
     # 2. Stream results into the manifest as they arrive.
-    consumer = _Consumer(spec, len(paths), progress)
+    consumer = _Consumer(spec, len(paths), progress, lineage)
     consumer.counts["skipped"] += len(all_paths) - len(paths)
     batches = _local_batches if spec.runtime.executor == "local" else _ray_batches
     try:
         for batch in batches(spec, paths, ctx):
             consumer.consume(batch)
+            lineage.on_batch(running_stats(consumer.counts, consumer.errors, consumer.stage_ms, t0), consumer.rows)
             if on_batch is not None:
                 on_batch(batch)
-    finally:
+    except BaseException as e:
         consumer.close()
+        lineage.abort(f"{type(e).__name__}: {e}")
+        raise
+    consumer.close()
     # 3. Summary, then _SUCCESS last.
     seconds = time.perf_counter() - t0
     processed = sum(v for k, v in consumer.counts.items() if k != "skipped")
@@ -380,6 +399,7 @@ def run_job(
         "models": models,
         "manifest_rows_written": consumer.writer.rows,
     }
+    summary["lineage"] = lineage.finish(summary, manifest.combine(consumer.writer.written), spec.to_yaml())
     manifest.write_success(spec.output, summary)
     return JobResult(spec.output, len(all_paths), dict(consumer.counts), dict(consumer.errors), seconds, summary)
 
@@ -397,4 +417,10 @@ def format_summary(result: JobResult) -> str:
     lines.append(f"  {'images/s':<14}{s['images_per_second']:>8.2f}   ({s['seconds']:.1f} s wall)")
     per_stage = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_ms_per_image"].items())
     lines.append(f"  ms per image by stage: {per_stage}")
+    lin = s.get("lineage", {})
+    if lin.get("mode", "off") != "off":
+        where = lin.get("offline_archive") or "online"
+        lines.append(f"  comet ({lin['mode']}): experiment {lin['experiment_key']} -> {where}")
+        if lin.get("degraded"):
+            lines.append(f"  comet logging degraded, lineage kept in the manifest: {lin['degraded']}")
     return "\n".join(lines)
