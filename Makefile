@@ -46,6 +46,7 @@ lint: setup
 
 bench: $(MODELS)/.built
 	$(PY) benchmarks/bulk_edit_overhead.py --models-dir $(MODELS)
+	$(PY) benchmarks/lineage_overhead.py --models-dir $(MODELS)
 
 clean:
 	rm -rf demo .models .cache
