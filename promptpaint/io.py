@@ -347,6 +347,12 @@ def exists(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+def local_path(uri: str) -> str | None:
+    """The local filesystem path behind ``uri`` (plain path or ``file://``), or None for other filesystems."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return path if isinstance(fs, LocalFileSystem) else None
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI, keeping its ``scheme://`` prefix.
 

@@ -16,6 +16,7 @@ import importlib.metadata
 import io as _io
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from promptpaint.config import EditSpec, comet_env
-from promptpaint.io import atomic_write, decode_image, join, read_bytes
+from promptpaint.io import atomic_write, decode_image, join, local_path, read_bytes
 
 log = logging.getLogger("promptpaint.lineage")
 
@@ -166,7 +167,11 @@ class Lineage:
     def _open(cls, spec: EditSpec, mode: str, env: dict[str, Any], name: str) -> Lineage:
         import comet_ml
 
-        offline_dir = tempfile.mkdtemp(prefix="promptpaint-comet-") if mode == "offline" else None
+        offline_dir = None
+        if mode == "offline":
+            local = local_path(join(spec.output, "comet"))
+            offline_dir = local or tempfile.mkdtemp(prefix="promptpaint-comet-")  # copied at the end
+            Path(offline_dir).mkdir(parents=True, exist_ok=True)
         config = comet_ml.ExperimentConfig(
             offline_directory=offline_dir,
             name=name,
@@ -330,10 +335,15 @@ class Lineage:
             log.warning("Comet experiment did not end cleanly: %s", e)
         if self.mode != "offline" or not self.offline_dir:
             return None
-        archives = sorted(Path(self.offline_dir).glob("*.zip"))
-        for z in archives:
-            atomic_write(join(self.spec.output, "comet", z.name), z.read_bytes())
-        return join(self.spec.output, "comet", archives[-1].name) if archives else None
+        archives = sorted(Path(self.offline_dir).glob(f"{self.key}*.zip"))
+        if not archives:
+            return None
+        final = join(self.spec.output, "comet", archives[-1].name)
+        if local_path(final) is None:  # remote output: the archive was written locally, ship it
+            for z in archives:
+                atomic_write(join(self.spec.output, "comet", z.name), z.read_bytes())
+            shutil.rmtree(self.offline_dir, ignore_errors=True)
+        return final
 
     def _safe(self, fn: Any) -> None:
         """Run a Comet call; a failure degrades lineage to manifest-only instead of failing the job."""

@@ -105,7 +105,9 @@ class Writer:
         slim: Batch = {}
         for col in MANIFEST_COLUMNS:
             values = batch[col] if col in batch else [_DEFAULTS.get(col, "")] * n
-            slim[col] = [json.dumps(_jsonable(v)) for v in values] if col in JSON_COLUMNS else [utf8_safe(v) for v in values]
+            slim[col] = (
+                [json.dumps(_jsonable(v)) for v in values] if col in JSON_COLUMNS else [utf8_safe(v) for v in values]
+            )
         for stage in TIMING_STAGES:
             slim[f"t_{stage}_ms"] = [float(x) for x in batch.get(f"t_{stage}_ms", [0.0] * n)]
         return slim

@@ -170,8 +170,8 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
         entry = get_entry(name)
         if entry.task != stage:
             raise ValueError(f"{stage}.model={name!r} is a {entry.task} model, not a {stage} model")
+        source, local = resolve_source(name, spec.models_dir)
         if not is_available(name, spec.models_dir):
-            source, _ = resolve_source(name, spec.models_dir)
             raise ModelNotAvailable(
                 f"model {name!r} for stage {stage} is not available: looked in "
                 f"{spec.models_dir or '<models_dir unset>'}/{name} and the Hugging Face cache for "
@@ -179,7 +179,6 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
                 "folder holding it, download it with hub access (unset HF_HUB_OFFLINE), or run "
                 "`promptpaint models build-tiny DIR` for the random-weight test set."
             )
-        source, local = resolve_source(name, spec.models_dir)
         out[stage] = {"name": name, "source": source, "revision": "local" if local else entry.revision}
     return out
 
@@ -211,10 +210,12 @@ class _Consumer:
         for i in range(n):
             row = {k: _py(v[i]) for k, v in batch.items()}
             key = (row["id"], row["path"])
-            self.counts[row["status"]] += 1
             self.rows += 1
             self.bar.update(1)
-            if row["status"] == "skipped" or key in self.seen:  # already in the manifest
+            if key in self.seen:  # a retried task delivered this row twice: the manifest has it
+                continue
+            self.counts[row["status"]] += 1
+            if row["status"] == "skipped":  # already in the manifest from an earlier run
                 continue
             self.seen.add(key)
             if row["error_kind"]:

@@ -175,12 +175,17 @@ def output_files(output: str) -> dict[str, bytes]:
     return out
 
 
-def manifest_by_id(output: str, drop: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """Manifest rows keyed by id, without timing columns (and any columns in ``drop``)."""
+def manifest_by_id(output: str, drop: tuple[str, ...] = ()) -> dict[tuple[str, str], dict[str, Any]]:
+    """Manifest rows keyed by (id, input path), without timing columns (and any columns in ``drop``).
+
+    Keyed by both: inputs with identical bytes share an id but are one row each.
+    """
     table = manifest.read_manifest(output)
     rows = table.to_pylist() if table is not None else []
     return {
-        r["id"]: {k: v for k, v in r.items() if not (k.startswith("t_") and k.endswith("_ms")) and k not in drop}
+        (r["id"], r["input_path"]): {
+            k: v for k, v in r.items() if not (k.startswith("t_") and k.endswith("_ms")) and k not in drop
+        }
         for r in rows
     }
 

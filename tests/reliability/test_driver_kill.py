@@ -116,10 +116,10 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
     assert_exactly_once(final, temp_files_allowed=True)
     assert final.temp_files <= 2
     # The re-run skipped every id the manifest already held, and did not rewrite their images.
-    assert summary["counts"].get("skipped") == len(done_at_kill)
+    assert summary["counts"].get("skipped") == len(done_at_kill) == at_kill.rows
     assert untouched == len(recorded)
     assert same_ids and same_bytes
     # ...and the rows it kept from the killed run are the rows an uninterrupted run writes.
     ref_rows = manifest_by_id(str(ref), drop=("output_path", "mask_path", "spec.output"))
     kept = manifest_by_id(str(out), drop=("output_path", "mask_path", "spec.output"))
-    assert {i: kept[i] for i in done_at_kill} == {i: ref_rows[i] for i in done_at_kill}
+    assert {k: kept[k] for k in done_at_kill} == {k: ref_rows[k] for k in done_at_kill}
