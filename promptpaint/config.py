@@ -54,8 +54,36 @@ class DetectSpec(_Section):
 class SegmentSpec(_Section):
     model: str = "sam"
     multimask: Literal["best", "largest", "single"] = "best"
-    clip_to_box: bool = Field(True, description="drop mask pixels outside the prompting box (SAM can leak)")
-    points_file: str | None = None
+    clip_to_box: bool = Field(
+        True, description="drop mask pixels outside the prompting box (SAM can leak); box-prompted instances only"
+    )
+    points_file: str | None = Field(
+        None,
+        description=(
+            "sidecar of per-image SAM prompts, JSONL or Parquet (local path or URI; relative to the spec file "
+            "when written in it): one record per image keyed by 'path' (the input path as listed, or just its "
+            "file name) or 'id' (the row's content id), with optional 'points' [[x, y], ...] px, 'labels' "
+            "[1|0, ...] (1 = positive, 0 = negative; one per point) and 'boxes' [[x0, y0, x1, y1], ...] px. "
+            "Sidecar boxes are added as instances (label 'prompt', score 1.0) after the detector's boxes; "
+            "each box instance is refined by the points inside it, positive and negative (a point inside no "
+            "box is unused when the image has boxes); an image with points and no box from either source "
+            "gets one instance prompted by all its points; an image with sidecar prompts is never "
+            "no_detection because the detector found nothing. Rows without a record are unaffected. "
+            "See promptpaint/actors/prompts.py."
+        ),
+    )
+
+    @field_validator("points_file")
+    @classmethod
+    def _points_file_exists(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        if not v:
+            raise ValueError("points_file must be a file path or URI (or null for no sidecar)")
+        if "://" not in v and not os.path.isfile(os.path.expanduser(v)):
+            raise ValueError(f"points_file {v!r} does not exist (relative paths in a spec file resolve against it)")
+        return os.path.expanduser(v) if "://" not in v else v
 
 
 class MaskSpec(_Section):
@@ -101,6 +129,11 @@ class LineageSpec(_Section):
     metrics_every_s: float = Field(10.0, ge=0.0, description="at most one metrics call per this many seconds")
     require: bool = Field(False, description="fail at start (before model work) if Comet cannot be used")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
 
 class RuntimeSpec(_Section):
     executor: Literal["ray", "local"] = "ray"
@@ -110,7 +143,9 @@ class RuntimeSpec(_Section):
     pool_size: dict[str, int] = Field(default_factory=dict)
     num_gpus: dict[str, float] = Field(default_factory=dict)
     num_cpus: float | None = Field(None, gt=0, description="CPUs per model actor; None = all local CPUs")
-    fuse: Literal["auto", "all", "none"] = "auto"
+    fuse: Literal["auto", "all", "models", "none"] = Field(
+        "auto", description="auto = all on CPU, models on GPU (read and write as CPU tasks); none = a pool per stage"
+    )
     manifest_every: int = Field(256, ge=1, description="rows per manifest part file")
 
     @field_validator("batch_size", "pool_size", "num_gpus")
@@ -282,5 +317,9 @@ def load_edit_spec(path: str | Path, overrides: list[str] | None = None) -> Edit
         v = data.get(key)
         if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v) and not v.startswith("~"):
             data[key] = str(base / v)
+    seg = data.get("segment")
+    v = seg.get("points_file") if isinstance(seg, dict) else None
+    if isinstance(v, str) and v.strip() and "://" not in v and not os.path.isabs(v) and not v.startswith("~"):
+        seg["points_file"] = str(base / v.strip())
     data = apply_overrides(data, overrides or [])
     return build_spec(EditSpec, data, source=str(path))

@@ -29,7 +29,7 @@ def test_example_runs_on_tiny_models(example: Path, tmp_path: Path, tiny_models:
             f"input={tmp_path / 'in'}",
             f"output={tmp_path / 'out'}",
             "inpaint.steps=2",
-            "detect.threshold=0.55",  # the tiny detector's scores sit around 0.5-0.59
+            "detect.threshold=0.45",  # the tiny detector's scores sit around 0.5-0.59: every image gets boxes
             "runtime.executor=local",
             "lineage.mode=off",
         ],

@@ -781,3 +781,22 @@ def test_chain_all_stages_bad_file_does_not_stop_others(tiny_models: Path, sampl
         for stage, name in (("detect", "owlv2"), ("segment", "sam"), ("inpaint", "sd15-inpaint"))
     }
     assert not any(isinstance(v, np.ndarray) for col in out.values() for v in col)
+
+
+def test_to_numpy_batch_handles_ragged_list_columns():
+    """Rows with different numbers of detections must survive the hop between Ray stages."""
+    from promptpaint.actors.common import as_lists, to_numpy_batch
+
+    batch = {
+        "id": ["a", "b", "c"],
+        "labels": [[], ["car"], ["car", "dog"]],
+        "crop": [[], [0, 4, 0, 4], [1, 5, 1, 5]],
+        "boxes": [np.zeros((0, 4), np.float32), np.ones((1, 4), np.float32), np.ones((2, 4), np.float32)],
+        "same": [np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))],
+    }
+    out = to_numpy_batch(batch)
+    assert all(col.shape == (3,) for col in out.values())
+    back = as_lists(out)
+    assert [list(x) for x in back["labels"]] == batch["labels"]
+    assert [list(x) for x in back["crop"]] == batch["crop"]
+    assert [b.shape for b in back["boxes"]] == [(0, 4), (1, 4), (2, 4)]

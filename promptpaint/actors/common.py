@@ -31,10 +31,12 @@ def to_numpy_batch(batch: Batch) -> dict[str, np.ndarray]:
     """dict of lists -> dict of 1-D numpy columns Ray Data accepts (ragged arrays become object columns)."""
     out: dict[str, np.ndarray] = {}
     for k, v in batch.items():
-        if v and isinstance(v[0], np.ndarray):
+        if any(isinstance(x, np.ndarray | list | tuple) for x in v):
             col = np.empty(len(v), dtype=object)
-            for i, x in enumerate(v):  # element-wise: numpy would try to broadcast same-shape arrays
-                col[i] = x
+            for i, x in enumerate(v):  # element-wise: numpy would broadcast or reject ragged rows
+                # Python lists stay lists (Ray stores them as objects): as numpy arrays, string lists
+                # would become fixed-width tensors that Ray cannot unify across blocks.
+                col[i] = list(x) if isinstance(x, tuple) else x
             out[k] = col
         else:
             out[k] = np.asarray(v)
