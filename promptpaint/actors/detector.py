@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
+from promptpaint.actors.prompts import merge_instances
 from promptpaint.config import DetectSpec, RuntimeSpec
 from promptpaint.models import load_model, owl_target_size
 
@@ -15,9 +16,14 @@ from promptpaint.models import load_model, owl_target_size
 class Detector:
     """Open-vocabulary detection.
 
-    Batch in:  image list[(H, W, 3) uint8]
+    Batch in:  image list[(H, W, 3) uint8]; optional prompt_boxes / prompt_points (the ``prompts`` stage)
     Batch out: + boxes list[(N, 4) float32 xyxy pixels], labels list[list[str]], det_scores list[(N,) float32]
                rows with no box above ``threshold`` get status ``no_detection``.
+
+    With sidecar prompts (``promptpaint.actors.prompts``), labels and det_scores hold one entry per
+    instance: the detector's boxes (best ``top_k``), then the sidecar boxes (label ``"prompt"``, score
+    1.0); an image with points but no box at all has one points-only instance (label ``"prompt"``,
+    score 1.0, no entry in ``boxes``). A row with sidecar prompts is never ``no_detection``.
     """
 
     stage = "detect"
@@ -54,10 +60,17 @@ class Detector:
             results = self.processor.post_process_grounded_object_detection(
                 outputs=outputs, threshold=self.spec.threshold, target_sizes=sizes
             )
+            pboxes, ppoints = batch.get("prompt_boxes"), batch.get("prompt_points")
             for i, im, res in zip(idx, images, results, strict=True):
                 b, s, lab = self._select(res, im.shape[0], im.shape[1])
-                boxes[i], scores[i], labels[i] = b, s, [queries[j] for j in lab]
-                if len(b) == 0:
+                boxes[i], labels[i], scores[i] = merge_instances(
+                    b,
+                    [queries[j] for j in lab],
+                    s,
+                    None if pboxes is None else pboxes[i],
+                    None if ppoints is None else ppoints[i],
+                )
+                if len(labels[i]) == 0:
                     batch["status"][i] = "no_detection"
 
         with timed(batch, self.stage, rows):

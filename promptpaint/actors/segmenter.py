@@ -1,11 +1,14 @@
-"""Boxes -> instance masks with SAM."""
+"""Boxes and points -> instance masks with SAM."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
+from promptpaint.actors.prompts import InstancePrompt, instance_prompts
 from promptpaint.config import RuntimeSpec, SegmentSpec
 from promptpaint.models import load_model
 
@@ -18,13 +21,88 @@ def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class SamCall:
+    """One SAM prompt-decoder call: the instances of one prompt kind across a batch of images.
+
+    ``rows`` index the images of the batch that take part; ``instances[b]`` lists, for ``rows[b]``, which
+    of that image's instances fill the first ``len(instances[b])`` slots (the remaining slots repeat the
+    first instance and are dropped). Arrays are in original-image pixels:
+    input_boxes (B, N, 4) float32 or None, input_points (B, N, P, 2) float32 and input_labels (B, N, P)
+    int64, or None when the kind has no points.
+    """
+
+    has_box: bool
+    n_points: int
+    rows: list[int]
+    instances: list[list[int]]
+    input_boxes: np.ndarray | None
+    input_points: np.ndarray | None
+    input_labels: np.ndarray | None
+
+
+def build_sam_prompts(per_image: list[list[InstancePrompt]]) -> list[SamCall]:
+    """Per-image instance prompts -> SAM calls, one per prompt kind (has a box, number of points).
+
+    SAM's prompt encoder takes ``input_boxes`` for every instance of a call or for none, and its
+    decoder has no attention mask: a padding point (label -10, what ``SamProcessor`` pads ragged point
+    lists with) still enters the decoder as a zero token and shifts the masks. So instead of padding,
+    instances are grouped by kind; inside a call only the instance count differs between images, padded
+    with copies of the image's first instance (a copy of a prompt is an independent, identical query).
+    A batch with detector boxes only is one call, exactly the box-only call SAM always got.
+    """
+    groups: dict[tuple[bool, int], dict[int, list[int]]] = {}
+    for r, prompts in enumerate(per_image):
+        for j, p in enumerate(prompts):
+            groups.setdefault(p.kind, {}).setdefault(r, []).append(j)
+    calls = []
+    for (has_box, n_points), by_row in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        rows = sorted(by_row)
+        n_max = max(len(v) for v in by_row.values())
+        boxes, points, labels = [], [], []
+        for r in rows:
+            js = by_row[r]
+            slots = [per_image[r][j] for j in js] + [per_image[r][js[0]]] * (n_max - len(js))
+            if has_box:
+                boxes.append(np.stack([p.box for p in slots]).astype(np.float32))
+            if n_points:
+                points.append(np.stack([p.points for p in slots]).astype(np.float32))
+                labels.append(np.stack([p.labels for p in slots]).astype(np.int64))
+        calls.append(
+            SamCall(
+                has_box=has_box,
+                n_points=n_points,
+                rows=rows,
+                instances=[by_row[r] for r in rows],
+                input_boxes=np.stack(boxes) if has_box else None,
+                input_points=np.stack(points) if n_points else None,
+                input_labels=np.stack(labels) if n_points else None,
+            )
+        )
+    return calls
+
+
+def to_model_coords(xy: np.ndarray, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> np.ndarray:
+    """Pixel x/y pairs (..., 2k) of an (h, w) image -> SAM's resized frame, as ``SamProcessor`` scales them."""
+    (old_h, old_w), (new_h, new_w) = original_size, reshaped_size
+    out = np.asarray(xy, np.float64).copy()
+    out[..., 0::2] *= new_w / old_w
+    out[..., 1::2] *= new_h / old_h
+    return out
+
+
 class Segmenter:
-    """Box-prompted segmentation.
+    """Box- and point-prompted segmentation.
 
-    Batch in:  image list[(H, W, 3) uint8], boxes list[(N, 4) float32 xyxy px]
-    Batch out: + masks list[(N, H, W) bool], mask_scores list[(N,) float32] (SAM's predicted IoU)
+    Batch in:  image list[(H, W, 3) uint8], boxes list[(N, 4) float32 xyxy px]; optional prompt_points
+               list[(P, 2) float32 xy px] and prompt_labels list[(P,) int64] (the ``prompts`` stage)
+    Batch out: + masks list[(I, H, W) bool], mask_scores list[(I,) float32] (SAM's predicted IoU)
 
-    ``multimask``: ``best`` asks SAM for 3 candidates per box and keeps the highest predicted IoU,
+    One instance per box, prompted by the box and the sidecar points inside it; an image with points
+    and no box has one instance prompted by all its points, after the box instances (so I = N, or 1
+    for a points-only image). ``clip_to_box`` applies to box-prompted instances only.
+
+    ``multimask``: ``best`` asks SAM for 3 candidates per instance and keeps the highest predicted IoU,
     ``largest`` keeps the largest candidate, ``single`` asks for one mask.
     """
 
@@ -41,45 +119,73 @@ class Segmenter:
             )
         self.processor, self.model = self.loaded.processor, self.loaded.model
 
+    def prompts(self, batch: Batch, i: int) -> list[InstancePrompt]:
+        points, labels = batch.get("prompt_points"), batch.get("prompt_labels")
+        return instance_prompts(
+            batch["boxes"][i], None if points is None else points[i], None if labels is None else labels[i]
+        )
+
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> Batch:
         masks = ensure_column(batch, "masks", lambda: np.zeros((0, 0, 0), bool))
         mscores = ensure_column(batch, "mask_scores", lambda: np.zeros((0,), np.float32))
-        rows = [i for i in active(batch) if len(batch["boxes"][i])]
+        per_row = {i: self.prompts(batch, i) for i in active(batch)}
+        rows = [i for i, p in per_row.items() if p]
 
         def segment(idx: list[int]) -> None:
             images = [batch["image"][i] for i in idx]
-            # SAM's processor wants the same number of boxes per image: pad with copies of the first
-            # box and drop the extra masks afterwards.
-            counts = [len(batch["boxes"][i]) for i in idx]
-            n_max = max(counts)
-            prompts = []
-            for i, n in zip(idx, counts, strict=True):
-                b = np.asarray(batch["boxes"][i], np.float32)
-                prompts.append(np.concatenate([b, np.repeat(b[:1], n_max - n, 0)]).tolist())
-            inputs = self.processor(images=images, input_boxes=prompts, return_tensors="pt")
+            per_image = [per_row[i] for i in idx]
+            inputs = self.processor(images=images, return_tensors="pt")
+            orig = inputs["original_sizes"]
+            resized = inputs["reshaped_input_sizes"]
+            # The image encoder runs once per image; each prompt kind is one decoder call on the embeddings.
+            embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
             multimask = self.spec.multimask != "single"
-            out = self.model(
-                pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
-                input_boxes=inputs["input_boxes"].to(self.device, self.dtype),
-                multimask_output=multimask,
-            )
-            # (B, N, M, h, w) low-res logits -> list of (N, M, H, W) bool at the original size
-            full = self.processor.image_processor.post_process_masks(
-                out.pred_masks.float().cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"]
-            )
-            iou = out.iou_scores.float().cpu().numpy()
-            for k, (i, n) in enumerate(zip(idx, counts, strict=True)):
-                cand = full[k][:n].numpy().astype(bool)  # (N, M, H, W)
-                pick = self._pick(cand, iou[k, :n])
-                masks[i] = cand[np.arange(n), pick]
-                if self.spec.clip_to_box:
-                    masks[i] &= box_masks(batch["boxes"][i], *cand.shape[-2:])
-                mscores[i] = iou[k, np.arange(n), pick].astype(np.float32)
+            cand: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M, H, W) per instance
+            ious: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M,) per instance
+            for call in build_sam_prompts(per_image):
+                sel = call.rows
+                kwargs = {}
+                if call.input_boxes is not None:
+                    kwargs["input_boxes"] = self._coords(call.input_boxes, orig, resized, sel)
+                if call.input_points is not None:
+                    kwargs["input_points"] = self._coords(call.input_points, orig, resized, sel)
+                    kwargs["input_labels"] = torch.from_numpy(call.input_labels).to(self.device)
+                emb = embeddings if len(sel) == len(idx) else embeddings[sel]
+                out = self.model(image_embeddings=emb, multimask_output=multimask, **kwargs)
+                # (B, N, M, h, w) low-res logits -> list of (N, M, H, W) bool at the original size
+                full = self.processor.image_processor.post_process_masks(
+                    out.pred_masks.float().cpu(), orig[sel], resized[sel]
+                )
+                iou = out.iou_scores.float().cpu().numpy()
+                for b, (r, js) in enumerate(zip(sel, call.instances, strict=True)):
+                    m = full[b].numpy().astype(bool)
+                    for n, j in enumerate(js):
+                        cand[r][j], ious[r][j] = m[n], iou[b, n]
+            for r, i in enumerate(idx):
+                c, s = np.stack(cand[r]), np.stack(ious[r])  # (I, M, H, W), (I, M)
+                n = len(c)
+                pick = self._pick(c, s)
+                masks[i] = c[np.arange(n), pick]
+                boxed = [j for j, p in enumerate(per_image[r]) if p.box is not None]
+                if self.spec.clip_to_box and boxed:
+                    boxes = np.stack([per_image[r][j].box for j in boxed])
+                    masks[i][boxed] &= box_masks(boxes, *c.shape[-2:])
+                mscores[i] = s[np.arange(n), pick].astype(np.float32)
 
         with timed(batch, self.stage, rows):
             run_with_fallback(batch, rows, self.stage, segment)
         return batch
+
+    def _coords(self, xy: np.ndarray, orig: torch.Tensor, resized: torch.Tensor, sel: list[int]) -> torch.Tensor:
+        """(B, ..., 2k) pixel coordinates of the images ``sel`` -> SAM-frame tensor on the model's device."""
+        scaled = np.stack(
+            [
+                to_model_coords(x, tuple(orig[r].tolist()), tuple(resized[r].tolist()))
+                for x, r in zip(xy, sel, strict=True)
+            ]
+        )
+        return torch.from_numpy(scaled).to(self.device, self.dtype)
 
     def _pick(self, cand: np.ndarray, iou: np.ndarray) -> np.ndarray:
         """Index of the kept candidate per instance: (N, M, H, W), (N, M) -> (N,) int."""

@@ -24,6 +24,7 @@ from promptpaint.actors.common import Batch, as_lists, to_numpy_batch
 from promptpaint.actors.detector import Detector
 from promptpaint.actors.inpainter import Inpainter
 from promptpaint.actors.maskops import MaskOps
+from promptpaint.actors.prompts import PromptLoader
 from promptpaint.actors.reader import Reader
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
@@ -46,12 +47,25 @@ class StageContext:
 # Registry: stage name -> constructor. A stage is a plain class; Ray only wires them.
 STAGE_BUILDERS: dict[str, Callable[[EditSpec, StageContext], Callable[[Batch], Batch]]] = {
     "read": lambda s, c: Reader(s.limits, s.spec_hash(), c.done_ids),
+    "prompts": lambda s, c: PromptLoader(s.segment.points_file),
     "detect": lambda s, c: Detector(s.detect, s.runtime, s.models_dir),
     "segment": lambda s, c: Segmenter(s.segment, s.runtime, s.models_dir),
     "mask": lambda s, c: MaskOps(s.mask),
     "inpaint": lambda s, c: Inpainter(s.inpaint, s.runtime, s.models_dir, s.mode, s.detect.queries),
     "write": lambda s, c: Writer(s.output, c.png_text),
 }
+
+
+def with_prompts(spec: EditSpec, stages: list[str]) -> list[str]:
+    """``stages`` with ``prompts`` (sidecar SAM prompts) right before ``detect`` when segment.points_file is set.
+
+    ``prompts`` is not in ``config.STAGES``: it always runs fused with ``detect`` (or after ``read`` in
+    the all-in-one actor), so it has no batch size or pool of its own.
+    """
+    if not spec.segment.points_file or "detect" not in stages or "prompts" in stages:
+        return list(stages)
+    k = stages.index("detect")
+    return [*stages[:k], "prompts", *stages[k:]]
 
 
 class Chain:
@@ -128,6 +142,7 @@ def plan_groups(spec: EditSpec, device_type: str, total_cpus: float) -> list[Gro
         parts = [["read"], list(MODEL_STAGES[:2]) + ["mask", "inpaint"], ["write"]]
     else:
         parts = [[s] for s in STAGES]
+    parts = [with_prompts(spec, p) for p in parts]
     groups = []
     for stages in parts:
         models = [s for s in stages if s in MODEL_STAGES]
@@ -264,7 +279,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def _local_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
-    chain = Chain(spec, list(STAGES), ctx)
+    chain = Chain(spec, with_prompts(spec, list(STAGES)), ctx)
     for chunk in _chunks(paths, spec.runtime.batch("inpaint")):
         yield chain({"path": chunk})
 
