@@ -12,7 +12,7 @@ export COMET_DISABLE_AUTO_LOGGING := 1
 export COMET_ERROR_TRACKING_ENABLE := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench reliability clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,9 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check promptpaint tests benchmarks
 	$(VENV)/bin/ruff format --check promptpaint tests benchmarks
+
+reliability: setup
+	$(PY) benchmarks/reliability_report.py
 
 bench: $(MODELS)/.built
 	$(PY) benchmarks/bulk_edit_overhead.py --models-dir $(MODELS)

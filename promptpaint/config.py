@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +33,30 @@ class SpecError(ValueError):
     """An invalid spec or override. The CLI turns it into exit code 2."""
 
 
+def _check_utf8(v: Any) -> None:
+    if isinstance(v, str):
+        v.encode("utf-8")  # lone surrogates (non-UTF-8 bytes from argv or a file name) raise here
+    elif isinstance(v, list | tuple):
+        for x in v:
+            _check_utf8(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_utf8(k)
+            _check_utf8(x)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @field_validator("*")
+    @classmethod
+    def _utf8_text(cls, v: Any) -> Any:
+        # Manifests (Arrow) and PNG text chunks only store UTF-8: reject here, not after the model work.
+        try:
+            _check_utf8(v)
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid UTF-8 (non-UTF-8 bytes from the shell or a file?)") from None
+        return v
 
 
 class DetectSpec(_Section):
@@ -142,11 +165,20 @@ class RuntimeSpec(_Section):
     batch_size: dict[str, int] = Field(default_factory=dict)
     pool_size: dict[str, int] = Field(default_factory=dict)
     num_gpus: dict[str, float] = Field(default_factory=dict)
-    num_cpus: float | None = Field(None, gt=0, description="CPUs per model actor; None = all local CPUs")
+    num_cpus: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="CPUs per model actor; None = all local CPUs"
+    )
     fuse: Literal["auto", "all", "models", "none"] = Field(
         "auto", description="auto = all on CPU, models on GPU (read and write as CPU tasks); none = a pool per stage"
     )
     manifest_every: int = Field(256, ge=1, description="rows per manifest part file")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, mps or cuda[:N] (xpu/npu/hpu[:N] too), got {v!r}")
+        return v
 
     @field_validator("batch_size", "pool_size", "num_gpus")
     @classmethod
@@ -248,8 +280,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SpecError(f"--set has an empty key in {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+    except (yaml.YAMLError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise SpecError(f"--set {key}: value {raw[:80]!r} is not valid YAML: {e}") from e
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         value = raw  # "a cat: sitting" is a prompt, not a mapping; write {a: b} for a mapping
     return path, value
@@ -297,8 +329,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise SpecError(f"spec file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec file {str(p)!r} is not UTF-8 text ({e}); save it as UTF-8") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise SpecError(f"spec file {str(p)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"spec file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")

@@ -42,6 +42,7 @@ __all__ = [
     "join",
     "read_bytes",
     "read_png_text",
+    "remove_temp_files",
 ]
 
 ERROR_KINDS = ("undecodable", "truncated", "too_large", "unsupported_format", "empty", "io_error")
@@ -386,6 +387,29 @@ def atomic_write(uri: str, data: bytes) -> None:
 def _temp_sibling(path: str) -> str:
     folder, name = posixpath.split(path)
     return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
+_TEMP_NAME_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
+def remove_temp_files(uri: str, subfolders: Sequence[str] = ("", "images", "masks", "manifest")) -> int:
+    """Delete :func:`atomic_write` temp files (``.{name}.tmp-{uuid}``) that a killed writer left in ``uri``
+    and its ``subfolders`` (not recursive); returns how many.
+
+    Only safe while nothing else writes there: call it at job start, before any worker runs.
+    """
+    fs, root = fsspec.core.url_to_fs(uri)
+    removed = 0
+    for sub in subfolders:
+        folder = posixpath.join(root.rstrip("/"), sub) if sub else root
+        if not fs.isdir(folder):
+            continue
+        for p in fs.ls(folder, detail=False):
+            if _TEMP_NAME_RE.match(posixpath.basename(p.rstrip("/"))):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(p)
+                    removed += 1
+    return removed
 
 
 def _atomic_write_local(path: str, data: bytes) -> None:

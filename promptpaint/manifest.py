@@ -95,6 +95,15 @@ def combine(uris: list[str]) -> bytes | None:
     return sink.getvalue()
 
 
+def done_keys(output: str) -> set[tuple[str, str]]:
+    """(id, input path) pairs already in the manifest. Skip by these, not by id alone: two inputs with
+    identical bytes share an id, and a run that recorded one of them must not skip the other forever."""
+    table = read_manifest(output, columns=["id", "input_path"])
+    if table is None:
+        return set()
+    return set(zip(table.column("id").to_pylist(), table.column("input_path").to_pylist(), strict=True))
+
+
 def done_paths(output: str, spec_hash: str) -> set[str]:
     """Input paths this spec already processed (for ``--incremental``: skip them unread)."""
     table = read_manifest(output, columns=["input_path", "spec_hash"])

@@ -8,6 +8,7 @@ from collections.abc import Collection
 import numpy as np
 
 from promptpaint.actors.common import Batch, ensure_column, new_rows, set_error, timed
+from promptpaint.actors.writer import utf8_safe
 from promptpaint.config import LimitsSpec
 from promptpaint.io import DecodeError, content_id, decode_image, read_bytes
 
@@ -18,12 +19,14 @@ class Reader:
     Batch in:  path list[str]
     Batch out: id, path, status, error_*, image (H, W, 3) uint8, alpha (H, W) uint8 or (0, 0) when the
                input has no transparency, width, height.
-    An input whose id is in ``done_ids`` gets status ``skipped`` and is not decoded.
+    An input whose id -- or (id, path) pair -- is in ``done_ids`` gets status ``skipped`` and is not
+    decoded. Pass pairs (``manifest.done_keys``): with bare ids, an input whose bytes equal an input
+    already recorded under another path is skipped without ever getting a manifest row of its own.
     """
 
     stage = "read"
 
-    def __init__(self, limits: LimitsSpec, spec_hash: str, done_ids: Collection[str] = frozenset()):
+    def __init__(self, limits: LimitsSpec, spec_hash: str, done_ids: Collection[str | tuple[str, str]] = frozenset()):
         self.limits = limits
         self.spec_hash = spec_hash
         self.done_ids = done_ids
@@ -45,7 +48,7 @@ class Reader:
                     set_error(out, i, self.stage, "io_error", f"cannot read {path}: {type(e).__name__}: {e}")
                     continue
                 out["id"][i] = content_id(data, self.spec_hash)
-                if out["id"][i] in self.done_ids:
+                if out["id"][i] in self.done_ids or (out["id"][i], utf8_safe(path)) in self.done_ids:
                     out["status"][i] = "skipped"
                     continue
                 try:

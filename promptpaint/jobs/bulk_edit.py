@@ -29,7 +29,7 @@ from promptpaint.actors.reader import Reader
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
 from promptpaint.config import STAGES, EditSpec
-from promptpaint.io import expand_input
+from promptpaint.io import expand_input, remove_temp_files
 from promptpaint.lineage import Lineage, job_name, running_stats
 from promptpaint.models import ModelNotAvailable, get_entry, is_available, resolve_source
 
@@ -284,6 +284,10 @@ def _local_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Itera
         yield chain({"path": chunk})
 
 
+class RayJobError(RuntimeError):
+    """A Ray Data task of the job failed; the message is Ray's (the exception itself is not kept)."""
+
+
 def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
     import ray
 
@@ -318,7 +322,17 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
             )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    failure = None
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as e:
+        # Keep only the text. Ray's exception reaches the failed dataset's executor through its frames,
+        # and with it the actor pool and every CPU the pool reserved: while anything holds the exception
+        # (a notebook's sys.last_value, a log record, a retry loop) the next job in this process waits
+        # for those CPUs forever.
+        failure = f"{type(e).__name__}: {e}"
+    if failure is not None:
+        raise RayJobError(failure)
 
 
 def describe_plan(spec: EditSpec, paths: list[str], done: int) -> str:
@@ -369,12 +383,15 @@ def run_job(
     # Lineage opens before any model work: its key goes into every PNG and manifest row, and
     # lineage.require fails here, not after hours of GPU time.
     lineage = Lineage.start(spec, job_name(spec), spec_path, models)
-    done = frozenset(manifest.done_ids(spec.output))
+    # (id, path) pairs, not ids: an input whose bytes equal one recorded under another path still
+    # needs its own manifest row.
+    done = frozenset(manifest.done_keys(spec.output))
     paths = all_paths
     if incremental:
         seen = manifest.done_paths(spec.output, spec.spec_hash())
         paths = [p for p in all_paths if p not in seen]
     manifest.clear_success(spec.output)
+    remove_temp_files(spec.output)  # a killed run's half-written files; no writer of ours runs yet
     ctx = StageContext(
         done_ids=done,
         png_text={

@@ -161,7 +161,13 @@ def _valid(g: _Gen) -> Iterator[None]:
     for _ in range(12):
         im = g.scene()
         lossless = bool(g.rng.random() < 0.5)
-        g.ok("webp", "webp", encode(im, "WEBP", lossless=lossless), im.size, rgb_sha256=sha(np.asarray(im)) if lossless else None)
+        g.ok(
+            "webp",
+            "webp",
+            encode(im, "WEBP", lossless=lossless),
+            im.size,
+            rgb_sha256=sha(np.asarray(im)) if lossless else None,
+        )
     for _ in range(8):
         im = g.scene()
         g.ok("bmp", "bmp", encode(im, "BMP"), im.size, alpha=False, rgb_sha256=sha(np.asarray(im)))
@@ -226,7 +232,9 @@ def _valid(g: _Gen) -> Iterator[None]:
             g.ok(f"exif_orientation_{orientation}", "jpg", data, size, alpha=False)
     for _ in range(12):
         im = g.scene()
-        junk = b"Exif\x00\x00" + bytes(g.rng.choice([b"II*\x00", b"MM\x00*"])) + g.rng.bytes(int(g.rng.integers(4, 600)))
+        junk = (
+            b"Exif\x00\x00" + bytes(g.rng.choice([b"II*\x00", b"MM\x00*"])) + g.rng.bytes(int(g.rng.integers(4, 600)))
+        )
         g.ok("broken_exif", "jpg", jpeg_with_app1(encode(im, "JPEG"), junk), im.size, alpha=False)
     for _ in range(6):
         im = g.scene()
@@ -237,7 +245,14 @@ def _valid(g: _Gen) -> Iterator[None]:
         png = encode(im, "PNG")
         data = png_with_chunk(png, png_chunk(b"eXIf", many_entry_exif(20_000)))  # ~240 kB of IFD entries
         g.ok("huge_exif_png", "png", data, im.size, alpha=False, rgb_sha256=sha(np.asarray(im)))
-    for src_fmt, ext in (("PNG", "jpg"), ("JPEG", "png"), ("WEBP", "gif"), ("BMP", "tiff"), ("GIF", "webp"), ("TIFF", "jpeg")):
+    for src_fmt, ext in (
+        ("PNG", "jpg"),
+        ("JPEG", "png"),
+        ("WEBP", "gif"),
+        ("BMP", "tiff"),
+        ("GIF", "webp"),
+        ("TIFF", "jpeg"),
+    ):
         for _ in range(4):
             im = g.scene()
             g.ok("wrong_extension", ext, encode(im, src_fmt), im.size)
@@ -255,7 +270,12 @@ def _png_rgb48(arr: np.ndarray) -> bytes:
     h, w, _ = arr.shape
     raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 ODD_NAMES: tuple[str | bytes, ...] = (
@@ -287,7 +307,7 @@ ODD_NAMES: tuple[str | bytes, ...] = (
 def _odd_names(g: _Gen) -> Iterator[None]:
     for name in ODD_NAMES:
         im = g.scene()
-        is_png = (name.endswith(b".png") if isinstance(name, bytes) else name.endswith(".png"))
+        is_png = name.endswith(b".png") if isinstance(name, bytes) else name.endswith(".png")
         data = encode(im, "PNG" if is_png else "JPEG")
         g.write("odd_name", "", data, name=name, expect="ok", size=im.size, valid=True)
     yield
@@ -323,11 +343,25 @@ def _broken(g: _Gen) -> Iterator[None]:
             buf[int(g.rng.integers(0, len(buf)))] = int(g.rng.integers(0, 256))
         g.write("flipped_bytes", ext, bytes(buf), expect="ok_or_error")
     for i in range(20):
-        g.write("zero_bytes", ["jpg", "png", "gif", "webp", "tif"][i % 5], b"", expect="error", kinds=frozenset({"empty"}))
+        g.write(
+            "zero_bytes", ["jpg", "png", "gif", "webp", "tif"][i % 5], b"", expect="error", kinds=frozenset({"empty"})
+        )
     for _ in range(10):
-        g.write("null_filled", "jpg", b"\0" * int(g.rng.integers(1, 100_000)), expect="error", kinds=frozenset({"undecodable"}))
+        g.write(
+            "null_filled",
+            "jpg",
+            b"\0" * int(g.rng.integers(1, 100_000)),
+            expect="error",
+            kinds=frozenset({"undecodable"}),
+        )
     for i in range(15):  # text, HTML, PDF, zip and a shell script under image names
-        blob = [b"hello world\n" * 50, b"<!doctype html><html><body>404</body></html>", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", b"PK\x03\x04" + bytes(40), b"#!/bin/sh\nrm -rf /\n"][i % 5]
+        blob = [
+            b"hello world\n" * 50,
+            b"<!doctype html><html><body>404</body></html>",
+            b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj",
+            b"PK\x03\x04" + bytes(40),
+            b"#!/bin/sh\nrm -rf /\n",
+        ][i % 5]
         g.write("not_an_image", ["jpg", "png", "jpeg"][i % 3], blob, expect="error", kinds=frozenset({"undecodable"}))
     for i in range(20):  # Pillow reads these, the spec does not allow them
         im = g.scene((32, 32))
@@ -345,7 +379,13 @@ def _bombs(g: _Gen) -> Iterator[None]:
         g.write("png_zlib_bomb", "png", png_zero_bomb(w, h), expect="error", kinds=too_large)
     for _ in range(3):
         im = Image.new("L", (7_000, 7_000))  # TIFF deflate bomb (49 Mpx > limits.max_pixels)
-        g.write("tiff_deflate_bomb", "tif", encode(im, "TIFF", compression="tiff_adobe_deflate"), expect="error", kinds=too_large)
+        g.write(
+            "tiff_deflate_bomb",
+            "tif",
+            encode(im, "TIFF", compression="tiff_adobe_deflate"),
+            expect="error",
+            kinds=too_large,
+        )
     gif = bytearray(encode(Image.new("P", (4, 4)), "GIF"))
     gif[6:10] = struct.pack("<HH", 65_535, 65_535)  # logical screen 65535 x 65535
     g.write("header_claims_huge", "gif", bytes(gif), expect="error", kinds=too_large)
@@ -357,7 +397,13 @@ def _bombs(g: _Gen) -> Iterator[None]:
     jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 65_500, 65_500)
     g.write("header_claims_huge", "jpg", bytes(jpeg), expect="error", kinds=too_large)
     tif = encode(Image.new("L", (4, 4)), "TIFF")
-    g.write("header_claims_huge", "tif", _patch_tiff_size(tif, 200_000, 200_000), expect="error", kinds=too_large | CUT_KINDS)
+    g.write(
+        "header_claims_huge",
+        "tif",
+        _patch_tiff_size(tif, 200_000, 200_000),
+        expect="error",
+        kinds=too_large | CUT_KINDS,
+    )
     webp = bytearray(encode(Image.new("RGB", (16, 16)), "WEBP", lossless=True))
     # Lossless VP8L header: 14-bit width-1 and height-1 right after the 0x2f signature byte.
     at = webp.index(b"VP8L") + 8

@@ -8,6 +8,7 @@ still reports what it saw.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -190,6 +191,18 @@ def manifest_by_id(output: str, drop: tuple[str, ...] = ()) -> dict[tuple[str, s
     }
 
 
+def row_differences(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]]) -> dict[str, int]:
+    """Column -> number of shared keys whose rows disagree on it (plus keys present on one side only)."""
+    diff: Counter[str] = Counter()
+    for key in a.keys() & b.keys():
+        for col in a[key].keys() | b[key].keys():
+            if a[key].get(col) != b[key].get(col):
+                diff[col] += 1
+    if a.keys() != b.keys():
+        diff["<rows present on one side only>"] = len(a.keys() ^ b.keys())
+    return dict(diff)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -207,6 +220,19 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     return subprocess.run(cli_args(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT)
 
 
+def map_workers() -> dict[int, str]:
+    """pid -> title of this session's Ray Data actor processes (our descendants: never another job's)."""
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "ray::MapWorker" in title:
+            found[p.pid] = title
+    return found
+
+
 def session_processes(sid: int) -> list[psutil.Process]:
     """Live processes in session ``sid`` (a CLI started with start_new_session=True and its children)."""
     found = []
@@ -222,15 +248,14 @@ def session_processes(sid: int) -> list[psutil.Process]:
 def kill_session(proc: subprocess.Popen, timeout: float = 30) -> int:
     """SIGKILL the process group of ``proc`` and wait until nothing of that session is left."""
     sid = proc.pid  # start_new_session: the child leads its own session and process group
-    os.killpg(sid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the group may already be gone
+        os.killpg(sid, signal.SIGKILL)
     proc.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
     while (left := session_processes(sid)) and time.monotonic() < deadline:
         for p in left:  # anything that re-grouped itself but kept the session
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         time.sleep(0.1)
     return len(session_processes(sid))
 
@@ -238,12 +263,17 @@ def kill_session(proc: subprocess.Popen, timeout: float = 30) -> int:
 # --------------------------------------------------------------------------------------------- corpora
 
 
-def small_corpus(folder: Path, n: int, size: tuple[int, int] = (64, 48), seed: int = 3) -> list[str]:
-    """``n`` synthetic images, the three broken files of ``make_samples`` and one byte-identical copy
-    (real folders hold duplicates: two paths, one id, one output file)."""
+def small_corpus(
+    folder: Path, n: int, size: tuple[int, int] = (64, 48), seed: int = 3, duplicate: bool = True
+) -> list[str]:
+    """``n`` synthetic images, the three broken files of ``make_samples`` and (``duplicate``) one
+    byte-identical copy of the first image: real folders hold duplicates (two paths, one id, one file).
+    """
     from promptpaint.samples import make_samples
 
     paths = make_samples(folder, n, size=size, seed=seed, broken=True)
-    dup = folder / "copy_of_first.jpg"
-    dup.write_bytes(paths[0].read_bytes())
-    return sorted(str(p) for p in [*paths, dup])
+    if duplicate:
+        dup = folder / "copy_of_first.jpg"
+        dup.write_bytes(paths[0].read_bytes())
+        paths.append(dup)
+    return sorted(str(p) for p in paths)

@@ -9,24 +9,10 @@ import signal
 import time
 from collections import Counter
 
-import psutil
 import pytest
-from reliability_kit import assert_exactly_once, audit, make_spec, output_files, record, small_corpus
+from reliability_kit import assert_exactly_once, audit, make_spec, map_workers, output_files, record, small_corpus
 
 from promptpaint.jobs.bulk_edit import run_job
-
-
-def map_workers() -> dict[int, str]:
-    """pid -> title of this session's Ray Data actor processes (our descendants: never another job's)."""
-    found = {}
-    for p in psutil.Process().children(recursive=True):
-        try:
-            title = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "ray::MapWorker" in title:
-            found[p.pid] = title
-    return found
 
 
 class ActorKiller:

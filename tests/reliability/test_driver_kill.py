@@ -25,10 +25,10 @@ from reliability_kit import (
     cli_args,
     cli_env,
     kill_session,
-    make_spec,
     manifest_by_id,
     output_files,
     record,
+    row_differences,
     run_cli,
     small_corpus,
     spec_dict,
@@ -36,6 +36,7 @@ from reliability_kit import (
 )
 
 from promptpaint import manifest
+from promptpaint.config import EditSpec, build_spec
 from promptpaint.jobs.bulk_edit import run_job
 
 KILL_AFTER_IMAGES = 8
@@ -64,12 +65,15 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
             cwd=ROOT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and len(visible(out / "images")) < KILL_AFTER_IMAGES:
-            assert time.monotonic() < deadline, "the job wrote no images in time"
-            time.sleep(0.01)
-        finished_first = proc.poll() is not None
-        left = kill_session(proc)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and len(visible(out / "images")) < KILL_AFTER_IMAGES:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            finished_first = proc.poll() is not None
+        finally:
+            left = kill_session(proc)  # whatever happened above, nothing of it may outlive the test
     at_kill = audit(str(out), inputs)
     done_at_kill = manifest_by_id(str(out))
     files_at_kill = {p.name: p.stat().st_mtime_ns for p in visible(out / "images")}
@@ -85,7 +89,7 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
 
     # 3. The same spec, never interrupted, into another folder.
     ref = tmp_path / "ref"
-    run_job(make_spec(str(tmp_path / "in"), str(ref), tiny_models, executor="local"), progress=False)
+    run_job(build_spec(EditSpec, {**data, "output": str(ref)}), progress=False)
     same_ids = set(manifest_by_id(str(out))) == set(manifest_by_id(str(ref)))
     same_bytes = output_files(str(out)) == output_files(str(ref))
     record(
@@ -108,6 +112,7 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
     )
 
     assert not finished_first, "the job finished before the kill: make the corpus larger"
+    assert len(files_at_kill) >= KILL_AFTER_IMAGES, "the job wrote too few images in 240 s"
     assert left == 0, "processes of the killed CLI survived"
     assert not at_kill.success and 0 < at_kill.rows < len(inputs), (at_kill.success, at_kill.rows)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -122,4 +127,4 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
     # ...and the rows it kept from the killed run are the rows an uninterrupted run writes.
     ref_rows = manifest_by_id(str(ref), drop=("output_path", "mask_path", "spec.output"))
     kept = manifest_by_id(str(out), drop=("output_path", "mask_path", "spec.output"))
-    assert {k: kept[k] for k in done_at_kill} == {k: ref_rows[k] for k in done_at_kill}
+    assert row_differences({k: kept[k] for k in done_at_kill}, {k: ref_rows[k] for k in done_at_kill}) == {}
