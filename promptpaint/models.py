@@ -216,12 +216,25 @@ def _cached_commit(hub_id: str, filename: str, revision: str | None) -> str | No
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def load_model(name: str, models_dir: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def check_task(name: str, task: str) -> ModelEntry:
+    """The entry for ``name``; ValueError when it is not a ``task`` model (e.g. a detector given to segment)."""
+    entry = get_entry(name)
+    if entry.task != task:
+        raise ValueError(
+            f"{task}.model={name!r} is a {entry.task} model; pick a {task} model (see `promptpaint models list`)"
+        )
+    return entry
+
+
+def load_model(
+    name: str, models_dir: str | None, device: torch.device, dtype: torch.dtype, task: str | None = None
+) -> LoadedModel:
     """Load ``name`` from ``models_dir/name`` if present, else from the hub at the pinned revision.
 
-    Raises ModelNotAvailable (with the fix) when neither has the weights; other errors propagate.
+    ``task`` (detect | segment | inpaint) checks the entry first. Raises ModelNotAvailable (with the fix)
+    when neither place has the weights; other errors propagate.
     """
-    entry = get_entry(name)
+    entry = check_task(name, task) if task else get_entry(name)
     source, is_local = resolve_source(name, models_dir)
     requested = None if is_local else entry.revision
     try:

@@ -800,3 +800,14 @@ def test_to_numpy_batch_handles_ragged_list_columns():
     assert [list(x) for x in back["labels"]] == batch["labels"]
     assert [list(x) for x in back["crop"]] == batch["crop"]
     assert [b.shape for b in back["boxes"]] == [(0, 4), (1, 4), (2, 4)]
+
+
+def test_a_stage_given_the_wrong_kind_of_model_says_so(tiny_models):
+    from promptpaint.actors.detector import Detector
+    from promptpaint.actors.segmenter import Segmenter
+    from promptpaint.config import DetectSpec, SegmentSpec
+
+    with pytest.raises(ValueError, match=r"detect\.model='sam' is a segment model; pick a detect model"):
+        Detector(DetectSpec(model="sam"), RuntimeSpec(), str(tiny_models))
+    with pytest.raises(ValueError, match=r"segment\.model='owlv2' is a detect model"):
+        Segmenter(SegmentSpec(model="owlv2"), RuntimeSpec(), str(tiny_models))

@@ -31,12 +31,7 @@ class Detector:
     def __init__(self, spec: DetectSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
         self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype)
-        if self.loaded.entry.task != "detect":
-            raise ValueError(
-                f"detect.model={spec.model!r} is a {self.loaded.entry.task} model; "
-                "pick a detector (see `promptpaint models list`)"
-            )
+        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="detect")
         self.processor, self.model = self.loaded.processor, self.loaded.model
         self.family = self.loaded.entry.family
 

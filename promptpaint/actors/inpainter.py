@@ -91,12 +91,7 @@ class Inpainter:
         self.mode, self.queries = mode, list(queries)
         self.spec = spec
         self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype)
-        if self.loaded.entry.task != "inpaint":
-            raise ValueError(
-                f"inpaint.model={spec.model!r} is a {self.loaded.entry.task} model; "
-                "pick an inpainting model (see `promptpaint models list`)"
-            )
+        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="inpaint")
         self.pipe = self.loaded.model
         self.resolution = spec.resolution or inpaint_default_resolution(self.loaded)
 

@@ -111,12 +111,7 @@ class Segmenter:
     def __init__(self, spec: SegmentSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
         self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype)
-        if self.loaded.entry.task != "segment":
-            raise ValueError(
-                f"segment.model={spec.model!r} is a {self.loaded.entry.task} model; "
-                "pick a segmenter (see `promptpaint models list`)"
-            )
+        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="segment")
         self.processor, self.model = self.loaded.processor, self.loaded.model
 
     def prompts(self, batch: Batch, i: int) -> list[InstancePrompt]:

@@ -31,7 +31,7 @@ from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
 from promptpaint.config import STAGES, EditSpec
 from promptpaint.io import expand_input, remove_temp_files
 from promptpaint.lineage import Lineage, job_name, running_stats
-from promptpaint.models import ModelNotAvailable, get_entry, is_available, resolve_source
+from promptpaint.models import ModelNotAvailable, check_task, is_available, resolve_source
 
 MODEL_STAGES = ("detect", "segment", "inpaint")
 
@@ -182,9 +182,7 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
         ("segment", spec.segment.model),
         ("inpaint", spec.inpaint.model),
     ):
-        entry = get_entry(name)
-        if entry.task != stage:
-            raise ValueError(f"{stage}.model={name!r} is a {entry.task} model, not a {stage} model")
+        entry = check_task(name, stage)
         source, local = resolve_source(name, spec.models_dir)
         if not is_available(name, spec.models_dir):
             raise ModelNotAvailable(
