@@ -293,8 +293,10 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
 
     ensure_ray()
     groups = plan_groups(spec, cluster_device(spec.runtime), cluster_cpus())
-    first = groups[0].batch_size
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / first)))
+    # One block = one batch, everywhere: batch composition then never depends on timing (blocks that
+    # Ray bundles differently would change batched CPU kernels' last bits, and so the output bytes).
+    rows = min(g.batch_size for g in groups)
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / rows)))
     for g in groups:
         if g.uses_model:
             ds = ds.map_batches(
@@ -307,7 +309,7 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
                     "numpy_out": True,
                 },
                 compute=ray.data.ActorPoolStrategy(size=g.pool, enable_true_multi_threading=True),
-                batch_size=g.batch_size,
+                batch_size=None,  # whole blocks (see above)
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
                 num_gpus=g.num_gpus,
@@ -316,7 +318,7 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
             ds = ds.map_batches(
                 run_cpu_group,
                 fn_kwargs={"spec": spec, "stages": g.stages, "ctx": ctx},
-                batch_size=g.batch_size,
+                batch_size=None,  # whole blocks (see above)
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
             )
