@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 STAGES = ("read", "detect", "segment", "mask", "inpaint", "write")
 
@@ -59,19 +67,66 @@ class _Section(BaseModel):
         return v
 
 
+class QuerySpec(_Section):
+    """One detector query. Written as a plain string when only ``text`` is set (``- car``)."""
+
+    text: str
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="None = detect.threshold")
+    prompt: str | None = Field(None, description="inpaint prompt for this query's objects; None = inpaint.prompt")
+    negative_prompt: str | None = Field(None, description="None = inpaint.negative_prompt")
+
+    @field_validator("text")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a query's text must be a non-empty string")
+        return v.strip()
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> Any:
+        data = handler(self)
+        if all(v is None for k, v in data.items() if k != "text"):
+            return data["text"]  # keeps old specs' YAML and spec hash unchanged
+        return data
+
+
 class DetectSpec(_Section):
     model: str = "owlv2"
-    queries: list[str] = Field(default_factory=lambda: ["car"], min_length=1)
+    queries: list[QuerySpec] = Field(
+        default_factory=lambda: [QuerySpec(text="car")],
+        min_length=1,
+        description=(
+            "what to find: strings ('car'), or mappings {text, threshold, prompt, negative_prompt} to give a "
+            "query its own threshold and, in edit mode, its own inpaint prompt (car -> bicycle, person -> statue)"
+        ),
+    )
     threshold: float = Field(0.1, ge=0.0, le=1.0)
     top_k: int = Field(10, ge=1, le=1000)
 
+    @field_validator("queries", mode="before")
+    @classmethod
+    def _strings_are_queries(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]  # `--set detect.queries=car`
+        if isinstance(v, list):
+            return [{"text": q} if isinstance(q, str) else q for q in v]
+        return v
+
     @field_validator("queries")
     @classmethod
-    def _non_empty_queries(cls, v: list[str]) -> list[str]:
-        cleaned = [q.strip() for q in v]
-        if any(not q for q in cleaned):
-            raise ValueError(f"queries must be non-empty strings, got {v!r}")
-        return cleaned
+    def _unique(cls, v: list[QuerySpec]) -> list[QuerySpec]:
+        texts = [q.text for q in v]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        if dup:
+            raise ValueError(f"duplicate queries {dup}: give each query once")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        return [q.text for q in self.queries]
+
+    def thresholds(self) -> list[float]:
+        return [self.threshold if q.threshold is None else q.threshold for q in self.queries]
 
 
 class SegmentSpec(_Section):

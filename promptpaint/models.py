@@ -51,12 +51,13 @@ class ModelNotAvailable(RuntimeError):
 @dataclass(frozen=True)
 class ModelEntry:
     name: str  # registry key
-    task: str  # "detect" | "segment" | "inpaint"
-    family: str  # selects loader / builder: "owlv2" | "owlvit" | "sam" | "sd-inpaint"
+    task: str  # one of TASKS
+    family: str  # selects loader / builder / stage backend: "owlv2" | "owlvit" | "sam" | "sd-inpaint" | ...
     hub_id: str
     revision: str | None  # pinned hub commit; ignored for local folders
-    default_resolution: int | None  # inpaint only: the checkpoint's native square side
+    default_resolution: int | None  # inpaint / generate: the checkpoint's native square side
     description: str
+    pipeline: str | None = None  # diffusers pipeline class (diffusers families): the stage never if-chains on it
 
 
 @dataclass
@@ -108,6 +109,7 @@ MODELS: dict[str, ModelEntry] = {
             revision="8a4288a76071f7280aedbdb3253bdb9e9d5d84bb",
             default_resolution=512,
             description="Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
+            pipeline="StableDiffusionInpaintPipeline",
         ),
     )
 }
@@ -156,25 +158,37 @@ def _transformers_loader(processor_cls: str, model_cls: str) -> Loader:
     return load
 
 
-def _load_sd_inpaint(source: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
-    from diffusers import StableDiffusionInpaintPipeline
+def _diffusers_loader(**extra: Any) -> Callable[[ModelEntry], Loader]:
+    """Loader for a diffusers pipeline whose class is named by the registry entry (``entry.pipeline``)."""
 
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        source,
-        dtype=dtype,  # diffusers 0.42 deprecates torch_dtype= in favour of dtype=
-        safety_checker=None,  # bulk editing of user images; the checker also doubles memory
-        requires_safety_checker=False,
-        **_hub_kwargs(revision),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return None, pipe, None
+    def for_entry(entry: ModelEntry) -> Loader:
+        def load(source: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
+            import diffusers
+
+            if not entry.pipeline:
+                raise ValueError(f"registry entry {entry.name!r} names no diffusers pipeline class")
+            cls = getattr(diffusers, entry.pipeline)
+            # diffusers 0.42 deprecates torch_dtype= in favour of dtype=
+            pipe = cls.from_pretrained(source, dtype=dtype, **extra, **_hub_kwargs(revision))
+            pipe.set_progress_bar_config(disable=True)
+            return None, pipe, None
+
+        return load
+
+    return for_entry
 
 
-_LOADERS: dict[str, Loader] = {
-    "owlv2": _transformers_loader("Owlv2Processor", "Owlv2ForObjectDetection"),
-    "owlvit": _transformers_loader("OwlViTProcessor", "OwlViTForObjectDetection"),
-    "sam": _transformers_loader("SamProcessor", "SamModel"),
-    "sd-inpaint": _load_sd_inpaint,
+def _fixed(loader: Loader) -> Callable[[ModelEntry], Loader]:
+    return lambda entry: loader
+
+
+# family -> (registry entry -> loader). Most families ignore the entry; diffusers ones read its pipeline class.
+_LOADERS: dict[str, Callable[[ModelEntry], Loader]] = {
+    "owlv2": _fixed(_transformers_loader("Owlv2Processor", "Owlv2ForObjectDetection")),
+    "owlvit": _fixed(_transformers_loader("OwlViTProcessor", "OwlViTForObjectDetection")),
+    "sam": _fixed(_transformers_loader("SamProcessor", "SamModel")),
+    # Bulk editing of user images: no safety checker (it also doubles memory).
+    "sd-inpaint": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
 }
 
 # Files whose presence in the HF cache counts as "this checkpoint is cached" (configs, not weights:
@@ -216,6 +230,9 @@ def _cached_commit(hub_id: str, filename: str, revision: str | None) -> str | No
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
+TASKS = ("detect", "segment", "inpaint", "generate", "score")
+
+
 def check_task(name: str, task: str) -> ModelEntry:
     """The entry for ``name``; ValueError when it is not a ``task`` model (e.g. a detector given to segment)."""
     entry = get_entry(name)
@@ -238,7 +255,7 @@ def load_model(
     source, is_local = resolve_source(name, models_dir)
     requested = None if is_local else entry.revision
     try:
-        processor, model, commit = _LOADERS[entry.family](source, requested, dtype)
+        processor, model, commit = _LOADERS[entry.family](entry)(source, requested, dtype)
     # transformers / diffusers / huggingface_hub report missing files and offline misses as these.
     except (OSError, EntryNotFoundError) as e:
         raise _not_available(entry, models_dir, is_local, e) from e

@@ -43,7 +43,7 @@ def _write(path: Path, data: dict) -> Path:
 def test_editspec_defaults() -> None:
     s = _spec()
     assert (s.input, s.output, s.models_dir, s.mode) == ("/data/in", "/data/out", None, "edit")
-    assert s.detect.model == "owlv2" and s.detect.queries == ["car"]
+    assert s.detect.model == "owlv2" and s.detect.texts == ["car"]
     assert s.detect.threshold == 0.1 and s.detect.top_k == 10
     assert s.segment.model == "sam" and s.segment.multimask == "best" and s.segment.clip_to_box is True
     assert s.segment.points_file is None
@@ -76,7 +76,7 @@ def test_editspec_defaults() -> None:
     assert "JPEG" in s.limits.formats and "PNG" in s.limits.formats
     # the default factories give each spec its own lists
     s.detect.queries.append("dog")
-    assert _spec().detect.queries == ["car"]
+    assert _spec().detect.texts == ["car"]
 
 
 def test_input_and_output_are_required() -> None:
@@ -86,7 +86,7 @@ def test_input_and_output_are_required() -> None:
 
 def test_sections_validate_values_and_assignment() -> None:
     s = _spec(detect={"queries": ["  a car ", "dog"]}, limits={"formats": ["jpeg", "png"]})
-    assert s.detect.queries == ["a car", "dog"]  # stripped
+    assert s.detect.texts == ["a car", "dog"]  # stripped
     assert s.limits.formats == ["JPEG", "PNG"]  # upper-cased
     with pytest.raises(ValueError, match="multiple of 8"):
         s.inpaint.resolution = 100  # validate_assignment: no bypassing the checks after construction
@@ -151,7 +151,7 @@ def test_overrides_are_yaml_scalars() -> None:
         ]
     )
     assert s.inpaint.steps == 5 and type(s.inpaint.steps) is int
-    assert s.detect.queries == ["a", "b"]
+    assert s.detect.texts == ["a", "b"]
     assert s.mask.invert is True
     assert s.detect.threshold == 0.3
     assert s.inpaint.prompt == "a cat: sitting"  # quoted: a YAML string

@@ -113,10 +113,10 @@ def segmenter(models_dir: str) -> Segmenter:
 
 @pytest.fixture()
 def spy(segmenter: Segmenter):
-    s = _Spy(segmenter.model)
-    segmenter.model = s
+    s = _Spy(segmenter.backend.model)
+    segmenter.backend.model = s
     yield s
-    segmenter.model = s.model
+    segmenter.backend.model = s.model
 
 
 # ---------------------------------------------------------------------------------- combination rules
@@ -186,7 +186,7 @@ def test_to_model_coords_matches_sam_processor(segmenter: Segmenter) -> None:
     img = _touching_shapes(70, 30)
     pts = np.array([[1.5, 2.0], [29.0, 69.5]], np.float32)
     box = np.array([2.0, 3.5, 25.0, 60.0], np.float32)
-    enc = segmenter.processor(
+    enc = segmenter.backend.processor(
         images=[img],
         input_points=[[pts.tolist()]],
         input_labels=[[[1, 0]]],
@@ -222,7 +222,7 @@ def test_negative_point_reaches_sam_as_a_label_0_prompt(segmenter: Segmenter, sp
     assert after["input_labels"].dtype == torch.int64
     # Exactly the coordinates SamProcessor computes for the same prompts (pixels -> SAM's 64 px frame).
     kw = {"input_boxes": [boxes]} if boxes else {}
-    ref = segmenter.processor(
+    ref = segmenter.backend.processor(
         images=[_touching_shapes()], input_points=[[[A_PT, B_PT]]], input_labels=[[[1, 0]]], return_tensors="pt", **kw
     )
     assert after["input_points"].shape == (1, 1, 2, 2) and after["input_points"].dtype == torch.float32

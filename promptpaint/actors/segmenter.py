@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -10,7 +12,7 @@ import torch
 from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
 from promptpaint.actors.prompts import InstancePrompt, instance_prompts
 from promptpaint.config import RuntimeSpec, SegmentSpec
-from promptpaint.models import load_model
+from promptpaint.models import LoadedModel, load_model
 
 
 def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -91,19 +93,87 @@ def to_model_coords(xy: np.ndarray, original_size: tuple[int, int], reshaped_siz
     return out
 
 
+# Per image: candidate masks (I, M, H, W) bool at the original size and their scores (I, M) float32,
+# one row per instance prompt (in order), M candidates each (M = 1 when one mask is asked for).
+Candidates = tuple[np.ndarray, np.ndarray]
+
+
+class SegmentBackend(Protocol):
+    """One model family's prompted segmenter."""
+
+    def __call__(
+        self, images: list[np.ndarray], per_image: list[list[InstancePrompt]], multimask: bool
+    ) -> list[Candidates]: ...
+
+
+class SamBackend:
+    """SAM through transformers: the image encoder once per image, one decoder call per prompt kind."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
+        self.processor, self.model = loaded.processor, loaded.model
+        self.device, self.dtype = device, dtype
+
+    def __call__(
+        self, images: list[np.ndarray], per_image: list[list[InstancePrompt]], multimask: bool
+    ) -> list[Candidates]:
+        inputs = self.processor(images=images, return_tensors="pt")
+        orig = inputs["original_sizes"]
+        resized = inputs["reshaped_input_sizes"]
+        embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
+        cand: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M, H, W) per instance
+        ious: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M,) per instance
+        for call in build_sam_prompts(per_image):
+            sel = call.rows
+            kwargs = {}
+            if call.input_boxes is not None:
+                kwargs["input_boxes"] = self._coords(call.input_boxes, orig, resized, sel)
+            if call.input_points is not None:
+                kwargs["input_points"] = self._coords(call.input_points, orig, resized, sel)
+                kwargs["input_labels"] = torch.from_numpy(call.input_labels).to(self.device)
+            emb = embeddings if len(sel) == len(images) else embeddings[sel]
+            out = self.model(image_embeddings=emb, multimask_output=multimask, **kwargs)
+            # (B, N, M, h, w) low-res logits -> list of (N, M, H, W) bool at the original size
+            full = self.processor.image_processor.post_process_masks(
+                out.pred_masks.float().cpu(), orig[sel], resized[sel]
+            )
+            iou = out.iou_scores.float().cpu().numpy()
+            for b, (r, js) in enumerate(zip(sel, call.instances, strict=True)):
+                m = full[b].numpy().astype(bool)
+                for n, j in enumerate(js):
+                    cand[r][j], ious[r][j] = m[n], iou[b, n]
+        return [(np.stack(c), np.stack(s).astype(np.float32)) for c, s in zip(cand, ious, strict=True)]
+
+    def _coords(self, xy: np.ndarray, orig: torch.Tensor, resized: torch.Tensor, sel: list[int]) -> torch.Tensor:
+        """(B, ..., 2k) pixel coordinates of the images ``sel`` -> SAM-frame tensor on the model's device."""
+        scaled = np.stack(
+            [
+                to_model_coords(x, tuple(orig[r].tolist()), tuple(resized[r].tolist()))
+                for x, r in zip(xy, sel, strict=True)
+            ]
+        )
+        return torch.from_numpy(scaled).to(self.device, self.dtype)
+
+
+# family -> backend constructor (loaded model, device, dtype). A new segmenter family registers here.
+SEGMENT_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], SegmentBackend]] = {
+    "sam": SamBackend,
+}
+
+
 class Segmenter:
     """Box- and point-prompted segmentation.
 
     Batch in:  image list[(H, W, 3) uint8], boxes list[(N, 4) float32 xyxy px]; optional prompt_points
                list[(P, 2) float32 xy px] and prompt_labels list[(P,) int64] (the ``prompts`` stage)
-    Batch out: + masks list[(I, H, W) bool], mask_scores list[(I,) float32] (SAM's predicted IoU)
+    Batch out: + masks list[(I, H, W) bool], mask_scores list[(I,) float32] (the model's quality score:
+               SAM's predicted IoU)
 
     One instance per box, prompted by the box and the sidecar points inside it; an image with points
     and no box has one instance prompted by all its points, after the box instances (so I = N, or 1
     for a points-only image). ``clip_to_box`` applies to box-prompted instances only.
 
-    ``multimask``: ``best`` asks SAM for 3 candidates per instance and keeps the highest predicted IoU,
-    ``largest`` keeps the largest candidate, ``single`` asks for one mask.
+    ``multimask``: ``best`` asks the model for several candidates per instance (3 for SAM) and keeps the
+    highest score, ``largest`` keeps the largest candidate, ``single`` asks for one mask.
     """
 
     stage = "segment"
@@ -112,7 +182,10 @@ class Segmenter:
         self.spec = spec
         self.device, self.dtype = runtime.resolve()
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="segment")
-        self.processor, self.model = self.loaded.processor, self.loaded.model
+        family = self.loaded.entry.family
+        if family not in SEGMENT_BACKENDS:
+            raise ValueError(f"no segmenter backend for model family {family!r}; known: {sorted(SEGMENT_BACKENDS)}")
+        self.backend = SEGMENT_BACKENDS[family](self.loaded, self.device, self.dtype)
 
     def prompts(self, batch: Batch, i: int) -> list[InstancePrompt]:
         points, labels = batch.get("prompt_points"), batch.get("prompt_labels")
@@ -130,35 +203,8 @@ class Segmenter:
         def segment(idx: list[int]) -> None:
             images = [batch["image"][i] for i in idx]
             per_image = [per_row[i] for i in idx]
-            inputs = self.processor(images=images, return_tensors="pt")
-            orig = inputs["original_sizes"]
-            resized = inputs["reshaped_input_sizes"]
-            # The image encoder runs once per image; each prompt kind is one decoder call on the embeddings.
-            embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
-            multimask = self.spec.multimask != "single"
-            cand: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M, H, W) per instance
-            ious: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M,) per instance
-            for call in build_sam_prompts(per_image):
-                sel = call.rows
-                kwargs = {}
-                if call.input_boxes is not None:
-                    kwargs["input_boxes"] = self._coords(call.input_boxes, orig, resized, sel)
-                if call.input_points is not None:
-                    kwargs["input_points"] = self._coords(call.input_points, orig, resized, sel)
-                    kwargs["input_labels"] = torch.from_numpy(call.input_labels).to(self.device)
-                emb = embeddings if len(sel) == len(idx) else embeddings[sel]
-                out = self.model(image_embeddings=emb, multimask_output=multimask, **kwargs)
-                # (B, N, M, h, w) low-res logits -> list of (N, M, H, W) bool at the original size
-                full = self.processor.image_processor.post_process_masks(
-                    out.pred_masks.float().cpu(), orig[sel], resized[sel]
-                )
-                iou = out.iou_scores.float().cpu().numpy()
-                for b, (r, js) in enumerate(zip(sel, call.instances, strict=True)):
-                    m = full[b].numpy().astype(bool)
-                    for n, j in enumerate(js):
-                        cand[r][j], ious[r][j] = m[n], iou[b, n]
-            for r, i in enumerate(idx):
-                c, s = np.stack(cand[r]), np.stack(ious[r])  # (I, M, H, W), (I, M)
+            results = self.backend(images, per_image, self.spec.multimask != "single")
+            for r, (i, (c, s)) in enumerate(zip(idx, results, strict=True)):
                 n = len(c)
                 pick = self._pick(c, s)
                 masks[i] = c[np.arange(n), pick]
@@ -171,16 +217,6 @@ class Segmenter:
         with timed(batch, self.stage, rows):
             run_with_fallback(batch, rows, self.stage, segment)
         return batch
-
-    def _coords(self, xy: np.ndarray, orig: torch.Tensor, resized: torch.Tensor, sel: list[int]) -> torch.Tensor:
-        """(B, ..., 2k) pixel coordinates of the images ``sel`` -> SAM-frame tensor on the model's device."""
-        scaled = np.stack(
-            [
-                to_model_coords(x, tuple(orig[r].tolist()), tuple(resized[r].tolist()))
-                for x, r in zip(xy, sel, strict=True)
-            ]
-        )
-        return torch.from_numpy(scaled).to(self.device, self.dtype)
 
     def _pick(self, cand: np.ndarray, iou: np.ndarray) -> np.ndarray:
         """Index of the kept candidate per instance: (N, M, H, W), (N, M) -> (N,) int."""

@@ -51,7 +51,7 @@ STAGE_BUILDERS: dict[str, Callable[[EditSpec, StageContext], Callable[[Batch], B
     "detect": lambda s, c: Detector(s.detect, s.runtime, s.models_dir),
     "segment": lambda s, c: Segmenter(s.segment, s.runtime, s.models_dir),
     "mask": lambda s, c: MaskOps(s.mask),
-    "inpaint": lambda s, c: Inpainter(s.inpaint, s.runtime, s.models_dir, s.mode, s.detect.queries),
+    "inpaint": lambda s, c: Inpainter(s.inpaint, s.runtime, s.models_dir, s.mode, s.detect.texts),
     "write": lambda s, c: Writer(s.output, c.png_text),
 }
 
