@@ -194,7 +194,24 @@ class InpaintSpec(_Section):
 
 
 class QCSpec(_Section):
-    enabled: bool = False
+    enabled: bool = Field(False, description="run the CLIP scorer after inpainting (edit/remove modes)")
+    model: str = Field("clip", description="score model from the registry (`promptpaint models list`, task score)")
+    min_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "CLIP score (100 x cosine, clipped at 0) each edit pass must reach; a row whose lowest pass score is "
+            "below it becomes qc_failed (written under rejected/). None = record the scores only"
+        ),
+    )
+    crop: bool = Field(
+        True,
+        description=(
+            "score each pass on the window it repainted (True) or on the whole edited image (False); either "
+            "way CLIP's processor resizes the shorter side and centre-crops a square"
+        ),
+    )
 
 
 class LineageSpec(_Section):

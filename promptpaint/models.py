@@ -111,6 +111,15 @@ MODELS: dict[str, ModelEntry] = {
             description="Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
             pipeline="StableDiffusionInpaintPipeline",
         ),
+        ModelEntry(
+            name="clip",
+            task="score",
+            family="clip",
+            hub_id="openai/clip-vit-base-patch32",
+            revision="3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268",
+            default_resolution=None,
+            description="CLIP ViT-B/32 image-text similarity for QC scoring (224 px centre crop, 77 tokens)",
+        ),
     )
 }
 
@@ -189,6 +198,7 @@ _LOADERS: dict[str, Callable[[ModelEntry], Loader]] = {
     "sam": _fixed(_transformers_loader("SamProcessor", "SamModel")),
     # Bulk editing of user images: no safety checker (it also doubles memory).
     "sd-inpaint": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
+    "clip": _fixed(_transformers_loader("CLIPProcessor", "CLIPModel")),
 }
 
 # Files whose presence in the HF cache counts as "this checkpoint is cached" (configs, not weights:
@@ -198,6 +208,7 @@ _PROBE_FILES: dict[str, tuple[str, ...]] = {
     "owlvit": ("config.json", "preprocessor_config.json"),
     "sam": ("config.json", "preprocessor_config.json"),
     "sd-inpaint": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
+    "clip": ("config.json", "preprocessor_config.json"),
 }
 
 
@@ -533,12 +544,39 @@ def _build_sd_inpaint() -> list[Any]:
     return [pipe]
 
 
+TINY_CLIP_IMAGE_SIZE = 32  # vision input side; patch 8 -> 4x4 patches
+
+
+def _build_clip() -> list[Any]:
+    """Tiny CLIP scorer: the shared tiny text tower (77 tokens) and a 2-layer ViT on 32 px inputs."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = tiny_tokenizer(TINY_TEXT_LEN_SD)
+    config = CLIPConfig(
+        text_config=_tiny_text_config(tok, TINY_TEXT_LEN_SD),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": TINY_CLIP_IMAGE_SIZE,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    # Same preprocessing as the real checkpoint (shorter side resized, centre square cropped), at the tiny size.
+    side = TINY_CLIP_IMAGE_SIZE
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return [CLIPProcessor(image_processor=image_processor, tokenizer=tok), CLIPModel(config)]
+
+
 # Each builder returns objects with ``save_pretrained``, all saved into the same folder.
 _BUILDERS: dict[str, Callable[[], list[Any]]] = {
     "owlv2": _build_owlv2,
     "owlvit": _build_owlvit,
     "sam": _build_sam,
     "sd-inpaint": _build_sd_inpaint,
+    "clip": _build_clip,
 }
 
 
