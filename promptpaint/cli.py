@@ -75,6 +75,70 @@ def run(
     typer.echo(format_summary(result))
 
 
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts (quote each)")],
+    out: Annotated[str, typer.Option("--out", help="output folder (or fsspec URI) for <id>.png + generate.jsonl")],
+    model: Annotated[str | None, typer.Option(help="generate model from the registry [default: sd15]")] = None,
+    models_dir: Annotated[
+        str | None, typer.Option(envvar="PROMPTPAINT_MODELS_DIR", help="local weights folder")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="images per prompt")] = 1,
+    seed: Annotated[int | None, typer.Option(help="base seed; per-image seeds derive from it [default: 0]")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps [default: 30]")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale [default: 7.5]")] = None,
+    width: Annotated[int | None, typer.Option(help="multiple of 8 [default: the model's native size]")] = None,
+    height: Annotated[int | None, typer.Option(help="multiple of 8 [default: the model's native size]")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="negative prompt for every image")] = None,
+    batch: Annotated[int | None, typer.Option(help="images per pipeline call [default: 4]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    ] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Text-to-image: write N images per prompt as DIR/<id>.png (settings in PNG text) + DIR/generate.jsonl.
+
+    The id hashes (prompt, index, seed, model): re-running with the same arguments rewrites identical files.
+    Exit 0 when at least one image was written (failures are listed), 1 when none was or the model is missing,
+    2 for invalid arguments.
+    """
+    from promptpaint.config import GenerateSpec, RuntimeSpec, build_spec
+
+    # Options left out fall back to GenerateSpec's defaults: one place holds them.
+    given = dict(model=model, seed=seed, steps=steps, guidance_scale=guidance, width=width, height=height)
+    given.update(negative_prompt=negative, batch=batch)
+    try:
+        spec = build_spec(GenerateSpec, {k: v for k, v in given.items() if v is not None}, source="arguments")
+        runtime = build_spec(RuntimeSpec, {"device": device, "dtype": dtype}, source="arguments")
+        runtime.resolve()
+        if n < 1:
+            raise SpecError(f"--n must be >= 1 (images per prompt), got {n}")
+        for p in prompts:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SpecError(f"prompt {p!r} is not valid UTF-8 text") from None
+        from promptpaint.models import check_task
+
+        check_task(spec.model, "generate")
+    except (SpecError, ValueError) as e:
+        raise _fail(str(e).replace("generate.model=", "--model "), EXIT_INVALID) from None
+
+    from promptpaint.jobs.generate import format_summary, run_generate
+    from promptpaint.models import ModelNotAvailable
+
+    try:
+        result = run_generate(spec, runtime, list(prompts), n, out, models_dir, progress=progress)
+    except ModelNotAvailable as e:
+        raise _fail(str(e), EXIT_FAILED) from None
+    except Exception as e:  # noqa: BLE001 - exit 1 with the reason, never a bare traceback
+        raise _fail(f"generate failed: {type(e).__name__}: {e}", EXIT_FAILED) from e
+    typer.echo(format_summary(result, out))
+    if not result.written:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @models_app.command("list")
 def models_list(
     models_dir: Annotated[

@@ -193,6 +193,27 @@ class InpaintSpec(_Section):
         return v
 
 
+class GenerateSpec(_Section):
+    """Text-to-image generation (the ``generate`` stage, ``promptpaint generate``, DreamBooth prior images)."""
+
+    model: str = "sd15"
+    prompt: str = Field("a photo of a dog", description="used for rows without their own prompt")
+    negative_prompt: str = Field("blurry, low quality, distorted", description="for rows without their own")
+    steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
+    seed: int = Field(0, ge=0, lt=2**63, description="per-image seeds derive from (seed, row id)")
+    width: int | None = Field(None, ge=8, le=4096, description="None = the model's native size")
+    height: int | None = Field(None, ge=8, le=4096, description="None = the model's native size")
+    batch: int = Field(4, ge=1, le=256, description="rows per pipeline call")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}; try {max(8, v // 8 * 8)}")
+        return v
+
+
 class QCSpec(_Section):
     enabled: bool = Field(False, description="run the CLIP scorer after inpainting (edit/remove modes)")
     model: str = Field("clip", description="score model from the registry (`promptpaint models list`, task score)")

@@ -37,6 +37,7 @@ __all__ = [
     "is_available",
     "load_model",
     "owl_target_size",
+    "pipeline_default_resolution",
     "resolve_source",
 ]
 
@@ -110,6 +111,46 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=512,
             description="Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
             pipeline="StableDiffusionInpaintPipeline",
+        ),
+        ModelEntry(
+            name="sd2-inpaint",
+            task="inpaint",
+            family="sd-inpaint",
+            hub_id="stabilityai/stable-diffusion-2-inpainting",
+            revision="81a84f49b15956b60b4272a405ad3daef3da4590",
+            default_resolution=512,
+            description="Stable Diffusion 2 inpainting (9-channel UNet, OpenCLIP text encoder), 512 px",
+            pipeline="StableDiffusionInpaintPipeline",
+        ),
+        ModelEntry(
+            name="sdxl-inpaint",
+            task="inpaint",
+            family="sdxl-inpaint",
+            hub_id="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+            revision="115134f363124c53c7d878647567d04daf26e41e",
+            default_resolution=1024,
+            description="SDXL 1.0 inpainting 0.1 (9-channel UNet, two text encoders), 1024 px",
+            pipeline="StableDiffusionXLInpaintPipeline",
+        ),
+        ModelEntry(
+            name="sd15",
+            task="generate",
+            family="sd",
+            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            revision="451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+            default_resolution=512,
+            description="Stable Diffusion 1.5 text-to-image, 512 px",
+            pipeline="StableDiffusionPipeline",
+        ),
+        ModelEntry(
+            name="sdxl",
+            task="generate",
+            family="sdxl",
+            hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+            revision="462165984030d82259a11f4367a4eed129e94a7b",
+            default_resolution=1024,
+            description="SDXL 1.0 base text-to-image (two text encoders), 1024 px",
+            pipeline="StableDiffusionXLPipeline",
         ),
         ModelEntry(
             name="clip",
@@ -198,6 +239,11 @@ _LOADERS: dict[str, Callable[[ModelEntry], Loader]] = {
     "sam": _fixed(_transformers_loader("SamProcessor", "SamModel")),
     # Bulk editing of user images: no safety checker (it also doubles memory).
     "sd-inpaint": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
+    "sd": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
+    # SDXL has no safety checker. Its invisible watermark is applied only when the optional package happens
+    # to be installed; switching it off makes outputs independent of the environment.
+    "sdxl-inpaint": _diffusers_loader(add_watermarker=False),
+    "sdxl": _diffusers_loader(add_watermarker=False),
     "clip": _fixed(_transformers_loader("CLIPProcessor", "CLIPModel")),
 }
 
@@ -208,6 +254,21 @@ _PROBE_FILES: dict[str, tuple[str, ...]] = {
     "owlvit": ("config.json", "preprocessor_config.json"),
     "sam": ("config.json", "preprocessor_config.json"),
     "sd-inpaint": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
+    "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
+    "sdxl-inpaint": (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+    ),
+    "sdxl": (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+    ),
     "clip": ("config.json", "preprocessor_config.json"),
 }
 
@@ -317,10 +378,18 @@ def owl_target_size(h: int, w: int, family: str) -> tuple[int, int]:
         raise ValueError(f"no OWL target-size rule for family {family!r}; known: {known}") from None
 
 
-def inpaint_default_resolution(loaded: LoadedModel) -> int:
-    """Natural square side of an inpaint pipeline: UNet sample size x VAE scale (512 for SD1.5, 64 tiny)."""
+def pipeline_default_resolution(loaded: LoadedModel) -> int:
+    """Natural square side of a diffusers pipeline: UNet sample size x VAE scale.
+
+    512 for SD1.5 / SD2 (64 x 8), 1024 for SDXL (128 x 8), 64 for the tiny models (32 x 2).
+    """
     pipe = loaded.model
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def inpaint_default_resolution(loaded: LoadedModel) -> int:
+    """Natural square side of an inpaint pipeline (see :func:`pipeline_default_resolution`)."""
+    return pipeline_default_resolution(loaded)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -492,26 +561,42 @@ def _build_sam() -> list[Any]:
     return [SamProcessor(image_processor=image_processor), SamModel(config)]
 
 
-def _build_sd_inpaint() -> list[Any]:
-    """Tiny SD1.5 inpaint pipeline, after diffusers' own ``get_dummy_components``.
+# Tiny diffusion pipelines, after diffusers' own ``get_dummy_components``: UNet sample 32 x VAE scale 2 (two VAE
+# blocks) = 64 px natural resolution. SD1.5, SD2 and SDXL variants share the pieces below and differ only where
+# the real checkpoints differ (UNet projection / added embeddings, text encoders), so the code paths that
+# depend on those differences run in the tests.
 
-    UNet sample 32 x VAE scale 2 (two VAE blocks) = 64 px natural resolution.
+TINY_SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim; SDXL embeds 6 time ids (original size, crop, target size)
+TINY_SDXL_TEXT_PROJ_DIM = 32  # text_encoder_2 projection: the pooled prompt embedding that joins the time ids
+
+
+def _tiny_unet(in_channels: int, **variant: Any) -> Any:
+    """Two-block UNet (32, 64 ch, attention in the second; heads (2, 4) = head dim 16 in each block).
+
+    ``in_channels`` 4 for text-to-image, 9 for inpainting (4 noisy latents + 4 masked-image latents + 1 mask);
+    ``variant`` adds or overrides config keys (SD2 linear projection, SDXL text_time embedding).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=9,  # 4 noisy latents + 4 masked-image latents + 1 mask
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-    )
-    vae = AutoencoderKL(
+    config: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 32,
+        "in_channels": in_channels,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": (2, 4),
+    }
+    return UNet2DConditionModel(**{**config, **variant})
+
+
+def _tiny_vae() -> Any:
+    """Two-block KL autoencoder: VAE scale factor 2, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
@@ -520,10 +605,21 @@ def _build_sd_inpaint() -> list[Any]:
         latent_channels=4,
         sample_size=64,
     )
-    tok = tiny_tokenizer(TINY_TEXT_LEN_SD)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tok, TINY_TEXT_LEN_SD)))
-    # SD1.5's own beta schedule; DDIM is deterministic given the generator and fine with 1-2 steps.
-    scheduler = DDIMScheduler(
+
+
+def _tiny_clip_text(tok: Any, model_cls: str = "CLIPTextModel", **variant: Any) -> Any:
+    """Tiny CLIP text tower over ``tok`` (77 tokens); ``variant`` e.g. hidden_act, projection_dim."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(**_tiny_text_config(tok, TINY_TEXT_LEN_SD), **variant)
+    return getattr(transformers, model_cls)(config)
+
+
+def _tiny_ddim() -> Any:
+    """SD's own beta schedule; DDIM is deterministic given the generator and fine with 1-2 steps."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -531,17 +627,105 @@ def _build_sd_inpaint() -> list[Any]:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+
+
+def _tiny_sd_components(in_channels: int, sd2: bool = False) -> dict[str, Any]:
+    """UNet, VAE, tokenizer, text encoder and scheduler of a tiny SD1.5- or SD2-shaped pipeline.
+
+    The construction order (UNet, VAE, text encoder) is part of the contract: build_tiny seeds once, so the
+    order fixes the weights, and the SD1.5 inpaint miniature's weights are pinned by tests.
+    SD2 differs from SD1.5 where the real checkpoints do: linear projections in the UNet's transformer blocks
+    and a GELU (OpenCLIP) text encoder instead of quick-GELU.
+    """
+    unet = _tiny_unet(in_channels, **({"use_linear_projection": True} if sd2 else {}))
+    vae = _tiny_vae()
+    tok = tiny_tokenizer(TINY_TEXT_LEN_SD)
+    text_encoder = _tiny_clip_text(tok, **({"hidden_act": "gelu"} if sd2 else {}))
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tok, "unet": unet, "scheduler": _tiny_ddim()}
+
+
+_NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _build_sd_inpaint() -> list[Any]:
+    """Tiny SD1.5 inpaint pipeline (9-channel UNet)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return [StableDiffusionInpaintPipeline(**_tiny_sd_components(9), **_NO_SAFETY_CHECKER)]
+
+
+def _build_sd2_inpaint() -> list[Any]:
+    """Tiny SD2 inpaint pipeline: SD2-shaped 9-channel UNet (linear projection) and GELU text encoder."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return [StableDiffusionInpaintPipeline(**_tiny_sd_components(9, sd2=True), **_NO_SAFETY_CHECKER)]
+
+
+def _build_sd() -> list[Any]:
+    """Tiny SD1.5 text-to-image pipeline (4-channel UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    return [StableDiffusionPipeline(**_tiny_sd_components(4), **_NO_SAFETY_CHECKER)]
+
+
+def _tiny_sdxl_components(in_channels: int) -> dict[str, Any]:
+    """Components of a tiny SDXL-shaped pipeline.
+
+    Two text encoders like SDXL: a CLIPTextModel (quick-GELU, CLIP ViT-L's role) and a
+    CLIPTextModelWithProjection (GELU, OpenCLIP bigG's role) whose projected pooled output joins the time ids.
+    The UNet cross-attends to both encoders' hidden states concatenated (32 + 32) and adds a "text_time"
+    embedding of 6 time ids x ``TINY_SDXL_TIME_EMBED_DIM`` + the pooled projection. Like the real base and
+    inpainting 0.1 checkpoints, no aesthetic score (that is the refiner's 5-id conditioning).
+    Euler discrete scheduler with the real SDXL settings (leading spacing, steps offset 1).
+    """
+    from diffusers import EulerDiscreteScheduler
+
+    unet = _tiny_unet(
+        in_channels,
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_TEXT_PROJ_DIM,
     )
-    return [pipe]
+    vae = _tiny_vae()
+    tok, tok_2 = tiny_tokenizer(TINY_TEXT_LEN_SD), tiny_tokenizer(TINY_TEXT_LEN_SD)
+    text_encoder = _tiny_clip_text(tok)
+    text_encoder_2 = _tiny_clip_text(
+        tok_2, "CLIPTextModelWithProjection", hidden_act="gelu", projection_dim=TINY_SDXL_TEXT_PROJ_DIM
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tok,
+        "tokenizer_2": tok_2,
+        "unet": unet,
+        "scheduler": scheduler,
+        "add_watermarker": False,
+    }
+
+
+def _build_sdxl_inpaint() -> list[Any]:
+    """Tiny SDXL inpaint pipeline (9-channel SDXL-shaped UNet, two text encoders)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    return [StableDiffusionXLInpaintPipeline(**_tiny_sdxl_components(9), requires_aesthetics_score=False)]
+
+
+def _build_sdxl() -> list[Any]:
+    """Tiny SDXL text-to-image pipeline (4-channel SDXL-shaped UNet, two text encoders)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return [StableDiffusionXLPipeline(**_tiny_sdxl_components(4))]
 
 
 TINY_CLIP_IMAGE_SIZE = 32  # vision input side; patch 8 -> 4x4 patches
@@ -576,7 +760,16 @@ _BUILDERS: dict[str, Callable[[], list[Any]]] = {
     "owlvit": _build_owlvit,
     "sam": _build_sam,
     "sd-inpaint": _build_sd_inpaint,
+    "sdxl-inpaint": _build_sdxl_inpaint,
+    "sd": _build_sd,
+    "sdxl": _build_sdxl,
     "clip": _build_clip,
+}
+
+
+# Entries whose miniature differs from their family's (same loader and stage, another architecture).
+_ENTRY_BUILDERS: dict[str, Callable[[], list[Any]]] = {
+    "sd2-inpaint": _build_sd2_inpaint,
 }
 
 
@@ -605,7 +798,7 @@ def build_tiny(models_dir: str | Path, names: list[str] | None = None, seed: int
         torch.manual_seed(seed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder should be readable like any other
-        for obj in _BUILDERS[entry.family]():
+        for obj in _ENTRY_BUILDERS.get(entry.name, _BUILDERS[entry.family])():
             obj.save_pretrained(tmp)
         marker = {"name": entry.name, "family": entry.family, "seed": seed, "stands_in_for": entry.hub_id}
         (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
