@@ -25,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-STAGES = ("read", "detect", "segment", "mask", "inpaint", "write")
+STAGES = ("read", "detect", "segment", "mask", "inpaint", "score", "write")
+MODES = ("edit", "remove", "detect", "segment")
 
 
 def comet_env() -> dict[str, Any]:
@@ -184,6 +185,13 @@ class InpaintSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
     resolution: int | None = Field(None, ge=8, le=4096, description="model-side crop size; None = model default")
     padding: float = Field(0.25, ge=0.0, le=4.0, description="crop margin around the mask, as a fraction of its box")
+    prompt_weighting: Literal["none", "compel"] = Field(
+        "none",
+        description=(
+            "compel: weights in prompts via the compel library, e.g. 'a (red)1.3 bicycle', 'a red++ bicycle', "
+            '\'("a bicycle", "a statue").blend(0.7, 0.3)\'; none: prompts go to the pipeline as plain text'
+        ),
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -321,7 +329,15 @@ class EditSpec(_Section):
     input: str
     output: str
     models_dir: str | None = None
-    mode: Literal["edit", "remove"] = "edit"
+    mode: Literal["edit", "remove", "detect", "segment"] = Field(
+        "edit",
+        description=(
+            "edit: repaint each query's objects with its prompt; remove: paint them out (inpaint.remove_prompt, "
+            "the queries as negative prompt); detect: boxes only, exported as <output>/coco.json; segment: "
+            "instance masks only (masks/<id>.png label maps + RLE in the manifest), exported as COCO instance "
+            "segmentation"
+        ),
+    )
     detect: DetectSpec = Field(default_factory=DetectSpec)
     segment: SegmentSpec = Field(default_factory=SegmentSpec)
     mask: MaskSpec = Field(default_factory=MaskSpec)
@@ -337,9 +353,44 @@ class EditSpec(_Section):
             object.__setattr__(self, "models_dir", os.environ["PROMPTPAINT_MODELS_DIR"])
         return self
 
+    def edit_prompts(self) -> dict[str, tuple[str, str]]:
+        """Detection label -> (inpaint prompt, negative prompt) of the pass that repaints its objects.
+
+        edit: each query's own prompt / negative prompt, else ``inpaint.prompt`` / ``inpaint.negative_prompt``;
+        sidecar-prompted instances (label ``prompt``) take the defaults. remove: one pass for everything,
+        ``inpaint.remove_prompt`` with the queries appended to the negative prompt.
+        """
+        inp = self.inpaint
+        if self.mode == "remove":
+            negative = ", ".join([inp.negative_prompt, *self.detect.texts]).strip(", ")
+            pair = (inp.remove_prompt, negative)
+            return {**{t: pair for t in self.detect.texts}, "prompt": pair}
+        out = {
+            q.text: (
+                inp.prompt if q.prompt is None else q.prompt,
+                inp.negative_prompt if q.negative_prompt is None else q.negative_prompt,
+            )
+            for q in self.detect.queries
+        }
+        out.setdefault("prompt", (inp.prompt, inp.negative_prompt))
+        return out
+
+    def stages(self) -> list[str]:
+        """The stages this job's mode runs, in order (``score`` only with ``qc.enabled``)."""
+        if self.mode == "detect":
+            return ["read", "detect", "write"]
+        if self.mode == "segment":
+            return ["read", "detect", "segment", "write"]
+        return ["read", "detect", "segment", "mask", "inpaint", *(["score"] if self.qc.enabled else []), "write"]
+
     def output_hash_fields(self) -> dict[str, Any]:
-        """Every field that changes an output image; runtime and paths do not."""
-        return self.model_dump(include={"mode", "detect", "segment", "mask", "inpaint", "limits"})
+        """Every field that changes an output (image, mask, box, score); runtime and paths do not."""
+        fields = {"mode", "detect", "segment", "limits"}
+        if self.mode in ("edit", "remove"):
+            fields |= {"mask", "inpaint"}
+            if self.qc.enabled:
+                fields.add("qc")
+        return self.model_dump(include=fields)
 
     def spec_hash(self) -> str:
         blob = json.dumps(self.output_hash_fields(), sort_keys=True, separators=(",", ":"))

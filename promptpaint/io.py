@@ -279,14 +279,14 @@ def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, text: Mapping[s
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Encode a (H, W) uint8 or bool mask as 8-bit grayscale PNG (bool -> 0/255)."""
+    """Encode a (H, W) mask as grayscale PNG: bool -> 8-bit 0/255, uint8 -> 8-bit, uint16 -> 16-bit (label maps)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
     if mask.dtype == np.bool_:
         mask = mask.astype(np.uint8) * 255
-    elif mask.dtype != np.uint8:
-        raise ValueError(f"mask must be uint8 or bool, got {mask.dtype}")
+    elif mask.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"mask must be bool, uint8 or uint16, got {mask.dtype}")
     return _save_png(Image.fromarray(np.ascontiguousarray(mask)))
 
 

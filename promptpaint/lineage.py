@@ -33,7 +33,7 @@ from promptpaint.io import atomic_write, decode_image, join, local_path, read_by
 log = logging.getLogger("promptpaint.lineage")
 
 PACKAGES = ("promptpaint", "torch", "diffusers", "transformers", "ray", "pillow", "numpy", "comet-ml")
-SAMPLE_STATUSES = ("edited", "no_detection")
+SAMPLE_STATUSES = ("edited", "detected", "segmented", "no_detection")
 
 
 class LineageUnavailable(RuntimeError):
@@ -304,14 +304,18 @@ class Lineage:
             annotations=[{"name": "detections", "data": boxes}],
             metadata=meta,
         )
+        if row["status"] not in ("edited", "segmented"):
+            return
+        mask = np.asarray(Image.open(_io.BytesIO(read_bytes(row["mask_path"]))))
+        # edit: blend weights 0..255; segment: an instance label map (any label = covered)
+        weight = mask.astype(np.float32) / 255.0 if row["status"] == "edited" else (mask > 0).astype(np.float32)
+        overlay = before.astype(np.float32)
+        a = weight[..., None] * 0.6
+        overlay = (overlay * (1 - a) + np.array([255.0, 0.0, 0.0]) * a).astype(np.uint8)
+        self.exp.log_image(Image.fromarray(overlay), name=f"mask_overlay/{short}", metadata=meta)
         if row["status"] != "edited":
             return
         after = np.asarray(Image.open(_io.BytesIO(read_bytes(row["output_path"]))).convert("RGB"))
-        mask = np.asarray(Image.open(_io.BytesIO(read_bytes(row["mask_path"]))).convert("L"))
-        overlay = before.astype(np.float32)
-        a = (mask.astype(np.float32) / 255.0)[..., None] * 0.6
-        overlay = (overlay * (1 - a) + np.array([255.0, 0.0, 0.0]) * a).astype(np.uint8)
-        self.exp.log_image(Image.fromarray(overlay), name=f"mask_overlay/{short}", metadata=meta)
         self.exp.log_image(
             Image.fromarray(np.concatenate([before, after], axis=1)), name=f"before_after/{short}", metadata=meta
         )

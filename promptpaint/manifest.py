@@ -22,7 +22,8 @@ from promptpaint.io import atomic_write, join
 
 MANIFEST_DIR = "manifest"
 SUCCESS = "_SUCCESS"
-STATUSES = ("edited", "no_detection", "error", "qc_failed", "skipped")
+STATUSES = ("edited", "detected", "segmented", "no_detection", "error", "qc_failed", "skipped")
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
 # Typed columns; everything else (spec.*, model.*) is inferred per part and promoted on read.
 CORE_SCHEMA = pa.schema(
@@ -47,6 +48,11 @@ CORE_SCHEMA = pa.schema(
         ("mask_area", pa.int64()),
         ("instances", pa.int32()),
         ("crop", pa.list_(pa.int32())),
+        ("crops", pa.list_(pa.list_(pa.int32()))),
+        ("edit_prompts", pa.list_(pa.string())),
+        ("rles", pa.list_(RLE)),
+        ("clip_scores", pa.list_(pa.float32())),
+        ("clip_score", pa.float32()),
     ]
 )
 

@@ -273,6 +273,9 @@ def test_spec_hash_is_stable() -> None:
         "mask.dilate_px=9",
         "mask.invert=true",
         "limits.max_pixels=100",
+        "qc.enabled=true",  # adds a score column, and with qc.min_score moves images to rejected/
+        "detect.queries=[{text: car, prompt: a bicycle}]",
+        "mode=segment",
     ],
 )
 def test_spec_hash_changes_with_output_fields(override: str) -> None:
@@ -290,11 +293,50 @@ def test_spec_hash_changes_with_output_fields(override: str) -> None:
         "input=/other/in",
         "models_dir=/models",
         "lineage.mode=offline",
-        "qc.enabled=true",
     ],
 )
 def test_spec_hash_ignores_runtime_and_paths(override: str) -> None:
     assert _with([override]).spec_hash() == _spec().spec_hash()
+
+
+@pytest.mark.parametrize("override", ["inpaint.prompt=x", "mask.dilate_px=3", "qc.enabled=true"])
+def test_detect_and_segment_hash_ignore_edit_sections(override: str) -> None:
+    # Boxes and masks do not depend on the inpaint/mask/qc sections: changing them must not redo a labelling run.
+    for mode in ("detect", "segment"):
+        assert _with([f"mode={mode}", override]).spec_hash() == _with([f"mode={mode}"]).spec_hash()
+
+
+def test_plain_queries_keep_their_hash_and_yaml() -> None:
+    # A query without options serialises as a plain string: specs written before per-query options existed
+    # keep their spec hash (and so their manifest ids).
+    s = _spec(detect={"queries": ["car", {"text": "dog"}]})
+    assert s.model_dump()["detect"]["queries"] == ["car", "dog"]
+    assert s.spec_hash() == _spec(detect={"queries": ["car", "dog"]}).spec_hash()
+    rich = _spec(detect={"queries": [{"text": "person", "threshold": 0.3, "prompt": "a statue"}]})
+    back = EditSpec.model_validate(yaml.safe_load(rich.to_yaml()))
+    assert back.detect.queries[0].prompt == "a statue" and back.detect.thresholds() == [0.3]
+
+
+def test_duplicate_and_empty_queries_are_errors() -> None:
+    with pytest.raises(SpecError, match="duplicate queries"):
+        _spec_from({"detect": {"queries": ["car", "car"]}})
+    with pytest.raises(SpecError, match="non-empty"):
+        _spec_from({"detect": {"queries": [{"text": "  "}]}})
+
+
+def test_edit_prompts_per_query_and_remove() -> None:
+    s = _spec(
+        detect={"queries": [{"text": "car", "prompt": "a bicycle"}, "dog", {"text": "person", "negative_prompt": "x"}]},
+        inpaint={"prompt": "P", "negative_prompt": "N"},
+    )
+    assert s.edit_prompts() == {
+        "car": ("a bicycle", "N"),
+        "dog": ("P", "N"),
+        "person": ("P", "x"),
+        "prompt": ("P", "N"),
+    }
+    r = _with(["mode=remove", "detect.queries=[car, dog]", "inpaint.negative_prompt=blurry"])
+    assert set(r.edit_prompts().values()) == {(r.inpaint.remove_prompt, "blurry, car, dog")}
 
 
 # ---------------------------------------------------------------------------------------- paths and env

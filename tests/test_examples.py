@@ -16,7 +16,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 
 def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
-    assert {"replace.yaml", "remove.yaml"} <= names
+    assert {"replace.yaml", "remove.yaml", "label.yaml", "multi.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -35,5 +35,8 @@ def test_example_runs_on_tiny_models(example: Path, tmp_path: Path, tiny_models:
         ],
     )
     result = run_job(spec, progress=False)
-    assert result.counts.get("edited", 0) == 3, result.counts
+    done = {"detect": "detected", "segment": "segmented"}.get(spec.mode, "edited")
+    assert result.counts.get(done, 0) == 3, result.counts
+    if spec.mode in ("detect", "segment"):
+        assert (tmp_path / "out" / "coco.json").is_file()
     assert len(manifest.read_manifest(str(tmp_path / "out"))) == 3

@@ -201,3 +201,21 @@ def test_fingerprint_is_order_independent():
     assert f.hexdigest() == g.hexdigest() and f.count == 3
     g.add("01" * 32)
     assert f.hexdigest() != g.hexdigest()
+
+
+def test_segment_mode_lineage_logs_inputs_and_mask_overlays(tmp_path, tiny_models):
+    make_samples(tmp_path / "in", 3, size=(96, 72), seed=2)
+    out = tmp_path / "out"
+    spec = spec_for(tmp_path / "in", out, tiny_models, mode="offline", sample_images=2)
+    spec = spec.model_copy(update={"mode": "segment"})
+    result = run_job(spec, progress=False)
+    assert result.counts["segmented"] == 3
+    msgs, meta = read_archive(out)
+    assert "mode:segment" in meta["tags"]
+    uploads = [m["payload"] for m in msgs if m["type"] == "file_upload"]
+    kinds = Counter(
+        u["additional_params"]["figName"].split("/")[0] for u in uploads if u["upload_type"] == "visualization"
+    )
+    assert kinds == {"input": 2, "mask_overlay": 2}  # no before/after: nothing is repainted
+    assets = {u["additional_params"].get("fileName") for u in uploads}
+    assert any(a and "manifest" in a for a in assets)

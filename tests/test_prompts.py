@@ -32,7 +32,6 @@ from promptpaint.actors.prompts import (
 )
 from promptpaint.actors.segmenter import Segmenter, box_masks, build_sam_prompts, to_model_coords
 from promptpaint.config import (
-    STAGES,
     DetectSpec,
     EditSpec,
     MaskSpec,
@@ -419,7 +418,7 @@ def test_points_only_image_is_edited_in_a_local_job(tiny_models: Path, tmp_path:
         runtime={"executor": "local", "device": "cpu"},
         lineage={"mode": "off"},
     )
-    assert with_prompts(spec, list(STAGES)) == ["read", "prompts", "detect", "segment", "mask", "inpaint", "write"]
+    assert with_prompts(spec, spec.stages()) == ["read", "prompts", "detect", "segment", "mask", "inpaint", "write"]
     assert [g.stages for g in plan_groups(spec, "cuda", 4)][1] == ["prompts", "detect", "segment", "mask", "inpaint"]
     assert [g.stages for g in plan_groups(spec, "cpu", 4)][0][:3] == ["read", "prompts", "detect"]
     result = run_job(spec, progress=False)

@@ -24,7 +24,6 @@ from promptpaint.actors.reader import Reader
 from promptpaint.actors.segmenter import Segmenter, box_masks
 from promptpaint.actors.writer import MANIFEST_COLUMNS, TIMING_STAGES, Writer, blend_to_mask_png
 from promptpaint.config import (
-    STAGES,
     DetectSpec,
     EditSpec,
     InpaintSpec,
@@ -749,7 +748,7 @@ def test_chain_all_stages_bad_file_does_not_stop_others(tiny_models: Path, sampl
         inpaint={"steps": 2},
         runtime={"executor": "local", "device": "cpu"},
     )
-    chain = Chain(spec, list(STAGES))
+    chain = Chain(spec, spec.stages())
     paths = [str(p) for p in sample_files]
     out = chain({"path": paths})
     assert out["path"] == paths

@@ -18,6 +18,7 @@ from PIL import Image
 from promptpaint.actors.common import Batch, active, derive_seed, ensure_column, run_with_fallback, timed
 from promptpaint.config import InpaintSpec, RuntimeSpec
 from promptpaint.models import inpaint_default_resolution, load_model
+from promptpaint.prompting import PromptEncoder
 
 # Crop aspect ratios the model is run at; a crop is squeezed to the nearest so rows batch together.
 ASPECT_BUCKETS = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)
@@ -69,13 +70,18 @@ def paste(image: np.ndarray, generated: np.ndarray, blend: np.ndarray, crop: Cro
 
 
 class Inpainter:
-    """Repaint the masked region of each image.
+    """Repaint the masked region(s) of each image.
 
-    Batch in:  image list[(H, W, 3) uint8], blend list[(H, W) float32], id list[str]
-    Batch out: + edited list[(H, W, 3) uint8], seed list[int], crop list[[y0, y1, x0, x1]]
+    Batch in:  image list[(H, W, 3) uint8], blend list[(H, W) float32], id list[str]; optional pass_blends
+               list[list[(H, W) float32]] and pass_prompts list[list[[prompt, negative]]] (from MaskOps with
+               per-query prompts: one inpaint pass per distinct prompt, each over its own objects)
+    Batch out: + edited list[(H, W, 3) uint8], seed list[int], crop list[[y0, y1, x0, x1]] (first pass),
+               crops list[list[[y0, y1, x0, x1]]] and edit_prompts list[list[str]] (one per pass)
 
-    Rows are grouped by model size and run as one pipeline call per group, each row with its own
-    ``torch.Generator`` seeded from (spec seed, image id): the result does not depend on the batch.
+    Passes run in order, each on the previous pass's result (where two queries' masks overlap, the later
+    query wins). Rows are grouped by model size and prompt and run as one pipeline call per group, each
+    row with its own ``torch.Generator`` seeded from (spec seed, image id, pass): the result does not
+    depend on the batch. The first pass uses the seed recorded in the ``seed`` column.
     """
 
     stage = "inpaint"
@@ -94,41 +100,53 @@ class Inpainter:
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="inpaint")
         self.pipe = self.loaded.model
         self.resolution = spec.resolution or inpaint_default_resolution(self.loaded)
+        self.encode = PromptEncoder(self.pipe, spec.prompt_weighting)  # after the pipeline is on its device
 
     def prompts(self) -> tuple[str, str]:
-        """(prompt, negative prompt) for this job; ``remove`` paints background and negates the objects."""
+        """Default (prompt, negative prompt); ``remove`` paints background and negates the objects."""
         if self.mode == "remove":
             negative = ", ".join([self.spec.negative_prompt, *self.queries]).strip(", ")
             return self.spec.remove_prompt, negative
         return self.spec.prompt, self.spec.negative_prompt
 
+    def passes(self, batch: Batch, i: int) -> list[tuple[np.ndarray, tuple[str, str]]]:
+        """Row ``i``'s inpaint passes: (blend (H, W) float32, (prompt, negative prompt)) each."""
+        blends = batch.get("pass_blends")
+        if blends is None or not len(blends[i]):
+            return [(batch["blend"][i], self.prompts())]
+        prompts = batch.get("pass_prompts")
+        pairs = [tuple(p) for p in prompts[i]] if prompts is not None and len(prompts[i]) else []
+        return [(b, pairs[k] if k < len(pairs) else self.prompts()) for k, b in enumerate(blends[i])]
+
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> Batch:
         edited = ensure_column(batch, "edited", lambda: np.zeros((0, 0, 3), np.uint8))
-        crops = ensure_column(batch, "crop", list)
+        first_crop = ensure_column(batch, "crop", list)
+        crops = ensure_column(batch, "crops", list)
+        edit_prompts = ensure_column(batch, "edit_prompts", list)
         seeds = ensure_column(batch, "seed", lambda: 0)
         for i, row_id in enumerate(batch["id"]):
             seeds[i] = derive_seed(self.spec.seed, row_id)
         rows = active(batch)
-        plans = {i: plan_crop(batch["blend"][i], self.spec.padding, self.resolution) for i in rows}
-        groups: dict[tuple[int, int], list[int]] = {}
+        passes = {i: self.passes(batch, i) for i in rows}
+        current = {i: batch["image"][i] for i in rows}
         for i in rows:
-            groups.setdefault((plans[i].model_h, plans[i].model_w), []).append(i)
+            crops[i], edit_prompts[i] = [], []
 
-        def inpaint(idx: list[int]) -> None:
+        def run_pass(k: int, idx: list[int], plans: dict[int, Crop], pair: tuple[str, str]) -> None:
             c0 = plans[idx[0]]
             images, masks, gens = [], [], []
             for i in idx:
                 c = plans[i]
-                img = batch["image"][i][c.y0 : c.y1, c.x0 : c.x1]
-                msk = (batch["blend"][i][c.y0 : c.y1, c.x0 : c.x1] > 0).astype(np.uint8) * 255
+                blend = passes[i][k][0]
+                img = current[i][c.y0 : c.y1, c.x0 : c.x1]
+                msk = (blend[c.y0 : c.y1, c.x0 : c.x1] > 0).astype(np.uint8) * 255
                 images.append(Image.fromarray(img).resize((c.model_w, c.model_h), Image.LANCZOS))
                 masks.append(Image.fromarray(msk).resize((c.model_w, c.model_h), Image.NEAREST))
-                gens.append(torch.Generator("cpu").manual_seed(seeds[i]))
-            prompt, negative = self.prompts()
+                seed = seeds[i] if k == 0 else derive_seed(self.spec.seed, f"{batch['id'][i]}:{k}")
+                gens.append(torch.Generator("cpu").manual_seed(seed))
             result = self.pipe(
-                prompt=[prompt] * len(idx),
-                negative_prompt=[negative] * len(idx),
+                **self.encode([pair[0]] * len(idx), [pair[1]] * len(idx)),
                 image=images,
                 mask_image=masks,
                 height=c0.model_h,
@@ -139,14 +157,26 @@ class Inpainter:
                 generator=gens,
                 output_type="np",
             ).images
-            for k, i in enumerate(idx):
+            for n, i in enumerate(idx):
                 c = plans[i]
-                gen = (np.asarray(result[k], np.float32).clip(0, 1) * 255).round().astype(np.uint8)
+                gen = (np.asarray(result[n], np.float32).clip(0, 1) * 255).round().astype(np.uint8)
                 gen = np.asarray(Image.fromarray(gen).resize((c.x1 - c.x0, c.y1 - c.y0), Image.LANCZOS))
-                edited[i] = paste(batch["image"][i], gen, batch["blend"][i], c)
-                crops[i] = [c.y0, c.y1, c.x0, c.x1]
+                current[i] = paste(current[i], gen, passes[i][k][0], c)
+                crops[i].append([c.y0, c.y1, c.x0, c.x1])
+                edit_prompts[i].append(pair[0])
 
         with timed(batch, self.stage, rows):
-            for idx in groups.values():
-                run_with_fallback(batch, idx, self.stage, inpaint)
+            for k in range(max((len(p) for p in passes.values()), default=0)):
+                todo = [i for i in rows if k < len(passes[i]) and not batch["status"][i]]
+                plans = {i: plan_crop(passes[i][k][0], self.spec.padding, self.resolution) for i in todo}
+                groups: dict[tuple[int, int, str, str], list[int]] = {}
+                for i in todo:
+                    groups.setdefault((plans[i].model_h, plans[i].model_w, *passes[i][k][1]), []).append(i)
+                for (_, _, *pair), idx in groups.items():
+                    run_with_fallback(
+                        batch, idx, self.stage, lambda ix, k=k, pl=plans, pr=tuple(pair): run_pass(k, ix, pl, pr)
+                    )
+        for i in rows:
+            if not batch["status"][i]:
+                edited[i], first_crop[i] = current[i], crops[i][0]
         return batch

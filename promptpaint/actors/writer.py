@@ -1,4 +1,10 @@
-"""Edited rows -> PNG files named by row id (atomic), and the slim manifest columns (CPU)."""
+"""Result rows -> files named by row id (atomic), and the slim manifest columns (CPU).
+
+edit / remove: ``images/<id>.png`` (edited image, alpha restored) and ``masks/<id>.png`` (blend weights);
+rows that failed quality control go to ``rejected/<id>.png``. segment: ``masks/<id>.png``, an instance
+label map (0 = background, k = instance k, in manifest order; 16-bit when there are more than 255
+instances) plus COCO RLE per instance in the manifest. detect: no files, boxes in the manifest.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from promptpaint.actors.common import ERROR_COLUMNS, Batch, active, ensure_column, timed
+from promptpaint.coco import encode_rle
 from promptpaint.io import atomic_write, encode_mask_png, encode_png, join
 
 # Columns that leave the worker for the manifest; pixel columns stay behind.
@@ -28,11 +35,16 @@ MANIFEST_COLUMNS = (
     "mask_area",
     "instances",
     "crop",
+    "crops",
+    "edit_prompts",
+    "rles",
+    "clip_scores",
+    "clip_score",
 )
-JSON_COLUMNS = ("boxes", "labels", "det_scores", "mask_scores", "crop")
-TIMING_STAGES = ("read", "detect", "segment", "mask", "inpaint", "write")
+JSON_COLUMNS = ("boxes", "labels", "det_scores", "mask_scores", "crop", "crops", "edit_prompts", "rles", "clip_scores")
+TIMING_STAGES = ("read", "detect", "segment", "mask", "inpaint", "score", "write")
 # For rows (or whole batches) that never reached the stage producing a column.
-_DEFAULTS: dict[str, Any] = {"seed": 0, "width": 0, "height": 0, "mask_area": 0, "instances": 0}
+_DEFAULTS: dict[str, Any] = {"seed": 0, "width": 0, "height": 0, "mask_area": 0, "instances": 0, "clip_score": 0.0}
 _DEFAULTS.update({c: [] for c in JSON_COLUMNS})
 
 
@@ -56,6 +68,19 @@ def utf8_safe(v: Any) -> Any:
             return v.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def label_map(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool instance masks -> (H, W) label image: 0 background, k+1 where instance k is.
+
+    uint8 up to 255 instances, else uint16. Where instances overlap the later one wins (every mask is
+    also in the manifest as RLE, exactly).
+    """
+    n, h, w = masks.shape
+    out = np.zeros((h, w), np.uint8 if n <= 255 else np.uint16)
+    for k in range(n):
+        out[masks[k]] = k + 1
+    return out
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -77,31 +102,21 @@ class Writer:
 
     stage = "write"
 
-    def __init__(self, output: str, png_text: dict[str, str] | None = None):
+    def __init__(self, output: str, png_text: dict[str, str] | None = None, mode: str = "edit"):
         self.output = output
         self.png_text = dict(png_text or {})
+        self.mode = mode
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["id"])
-        out_path = ensure_column(batch, "output_path", str)
-        mask_path = ensure_column(batch, "mask_path", str)
+        ensure_column(batch, "output_path", str)
+        ensure_column(batch, "mask_path", str)
         rows = active(batch)
+        if self.mode in ("edit", "remove"):
+            rows += [i for i, s in enumerate(batch["status"]) if s == "qc_failed"]
         with timed(batch, self.stage, rows):
             for i in rows:
-                row_id = batch["id"][i]
-                alpha = batch["alpha"][i]
-                text = {
-                    **self.png_text,
-                    "promptpaint:id": row_id,
-                    "promptpaint:seed": str(batch["seed"][i]),
-                    "promptpaint:input_path": utf8_safe(batch["path"][i]),
-                }
-                img_uri = join(self.output, "images", f"{row_id}.png")
-                msk_uri = join(self.output, "masks", f"{row_id}.png")
-                atomic_write(img_uri, encode_png(batch["edited"][i], alpha if alpha.size else None, text))
-                atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i])))
-                out_path[i], mask_path[i] = img_uri, msk_uri
-                batch["status"][i] = "edited"
+                {"detect": self._detected, "segment": self._segmented}.get(self.mode, self._edited)(batch, i)
         slim: Batch = {}
         for col in MANIFEST_COLUMNS:
             values = batch[col] if col in batch else [_DEFAULTS.get(col, "")] * n
@@ -111,3 +126,39 @@ class Writer:
         for stage in TIMING_STAGES:
             slim[f"t_{stage}_ms"] = [float(x) for x in batch.get(f"t_{stage}_ms", [0.0] * n)]
         return slim
+
+    def _edited(self, batch: Batch, i: int) -> None:
+        row_id = batch["id"][i]
+        alpha = batch["alpha"][i]
+        prompts = batch.get("edit_prompts")
+        text = {
+            **self.png_text,
+            "promptpaint:id": row_id,
+            "promptpaint:seed": str(batch["seed"][i]),
+            "promptpaint:input_path": utf8_safe(batch["path"][i]),
+        }
+        if prompts is not None:
+            text["promptpaint:edit_prompts"] = json.dumps(list(prompts[i]))
+        folder = "rejected" if batch["status"][i] == "qc_failed" else "images"
+        img_uri = join(self.output, folder, f"{row_id}.png")
+        msk_uri = join(self.output, "masks", f"{row_id}.png")
+        atomic_write(img_uri, encode_png(batch["edited"][i], alpha if alpha.size else None, text))
+        atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i])))
+        batch["output_path"][i], batch["mask_path"][i] = img_uri, msk_uri
+        if not batch["status"][i]:
+            batch["status"][i] = "edited"
+
+    def _segmented(self, batch: Batch, i: int) -> None:
+        masks = np.asarray(batch["masks"][i], bool)
+        msk_uri = join(self.output, "masks", f"{batch['id'][i]}.png")
+        atomic_write(msk_uri, encode_mask_png(label_map(masks)))
+        rles = ensure_column(batch, "rles", list)
+        rles[i] = [encode_rle(m) for m in masks]
+        ensure_column(batch, "mask_area", lambda: 0)[i] = int(masks.any(0).sum()) if len(masks) else 0
+        ensure_column(batch, "instances", lambda: 0)[i] = len(masks)
+        batch["mask_path"][i] = msk_uri
+        batch["status"][i] = "segmented"
+
+    def _detected(self, batch: Batch, i: int) -> None:
+        ensure_column(batch, "instances", lambda: 0)[i] = len(batch["labels"][i])
+        batch["status"][i] = "detected"

@@ -1,4 +1,6 @@
-"""The bulk edit job: read -> detect -> segment -> mask -> inpaint -> write, on Ray Data or in a loop.
+"""The bulk job: read -> detect -> segment -> mask -> inpaint [-> score] -> write, on Ray Data or in a loop.
+
+``mode: detect`` stops after detect and ``mode: segment`` after segment (each then exports COCO JSON).
 
 Stages that share a device run *fused* in one process (a ``Chain``): on CPU the whole pipeline is
 one actor pool, on GPU the model stages share a GPU actor while reading and writing run as CPU
@@ -19,21 +21,22 @@ from typing import Any
 
 import numpy as np
 
-from promptpaint import manifest
+from promptpaint import coco, manifest
 from promptpaint.actors.common import Batch, as_lists, to_numpy_batch
 from promptpaint.actors.detector import Detector
 from promptpaint.actors.inpainter import Inpainter
 from promptpaint.actors.maskops import MaskOps
 from promptpaint.actors.prompts import PromptLoader
 from promptpaint.actors.reader import Reader
+from promptpaint.actors.scorer import Scorer
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
-from promptpaint.config import STAGES, EditSpec
+from promptpaint.config import EditSpec
 from promptpaint.io import expand_input, remove_temp_files
 from promptpaint.lineage import Lineage, job_name, running_stats
 from promptpaint.models import ModelNotAvailable, check_task, is_available, resolve_source
 
-MODEL_STAGES = ("detect", "segment", "inpaint")
+MODEL_STAGES = ("detect", "segment", "inpaint", "score")
 
 
 @dataclass
@@ -50,9 +53,10 @@ STAGE_BUILDERS: dict[str, Callable[[EditSpec, StageContext], Callable[[Batch], B
     "prompts": lambda s, c: PromptLoader(s.segment.points_file),
     "detect": lambda s, c: Detector(s.detect, s.runtime, s.models_dir),
     "segment": lambda s, c: Segmenter(s.segment, s.runtime, s.models_dir),
-    "mask": lambda s, c: MaskOps(s.mask),
+    "mask": lambda s, c: MaskOps(s.mask, s.edit_prompts()),
     "inpaint": lambda s, c: Inpainter(s.inpaint, s.runtime, s.models_dir, s.mode, s.detect.texts),
-    "write": lambda s, c: Writer(s.output, c.png_text),
+    "score": lambda s, c: Scorer(s.qc, s.runtime, s.models_dir),
+    "write": lambda s, c: Writer(s.output, c.png_text, s.mode),
 }
 
 
@@ -136,12 +140,13 @@ def plan_groups(spec: EditSpec, device_type: str, total_cpus: float) -> list[Gro
     fuse = rt.fuse
     if fuse == "auto":
         fuse = "all" if device_type == "cpu" else "models"
+    stages = spec.stages()
     if fuse == "all":
-        parts = [list(STAGES)]
+        parts = [stages]
     elif fuse == "models":
-        parts = [["read"], list(MODEL_STAGES[:2]) + ["mask", "inpaint"], ["write"]]
+        parts = [stages[:1], stages[1:-1], stages[-1:]]  # read | every model stage and mask ops | write
     else:
-        parts = [[s] for s in STAGES]
+        parts = [[s] for s in stages]
     parts = [with_prompts(spec, p) for p in parts]
     groups = []
     for stages in parts:
@@ -177,11 +182,10 @@ class JobResult:
 def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
     """Fail before any work if a model cannot be found; returns what will be loaded from where."""
     out = {}
-    for stage, name in (
-        ("detect", spec.detect.model),
-        ("segment", spec.segment.model),
-        ("inpaint", spec.inpaint.model),
-    ):
+    names = {"detect": spec.detect.model, "segment": spec.segment.model, "inpaint": spec.inpaint.model}
+    names["score"] = spec.qc.model
+    for stage in (s for s in spec.stages() if s in MODEL_STAGES):
+        name = names[stage]
         entry = check_task(name, stage)
         source, local = resolve_source(name, spec.models_dir)
         if not is_available(name, spec.models_dir):
@@ -277,7 +281,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def _local_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
-    chain = Chain(spec, with_prompts(spec, list(STAGES)), ctx)
+    chain = Chain(spec, with_prompts(spec, spec.stages()), ctx)
     for chunk in _chunks(paths, spec.runtime.batch("inpaint")):
         yield chain({"path": chunk})
 
@@ -354,12 +358,14 @@ def describe_plan(spec: EditSpec, paths: list[str], done: int) -> str:
             f"{g.num_cpus:g} CPU, {g.num_gpus:g} GPU per worker"
         )
     n = len(paths)
-    calls = {s: math.ceil(n / spec.runtime.batch(s)) for s in MODEL_STAGES}
+    calls = {s: math.ceil(n / spec.runtime.batch(s)) for s in spec.stages() if s in MODEL_STAGES}
     lines.append(
         "model calls (at most, before skipping done ids and images without detections): "
         + ", ".join(f"{s} {c} batches" for s, c in calls.items())
-        + f"; inpaint denoising steps per image: {spec.inpaint.steps}"
+        + (f"; inpaint denoising steps per image: {spec.inpaint.steps}" if "inpaint" in calls else "")
     )
+    if spec.mode in coco.EXPORT_STATUSES:
+        lines.append(f"export: {spec.output}/{coco.COCO_FILE} (COCO {spec.mode} format)")
     return "\n".join(lines)
 
 
@@ -417,6 +423,9 @@ def run_job(
         lineage.abort(f"{type(e).__name__}: {e}")
         raise
     consumer.close()
+    export = None
+    if spec.mode in coco.EXPORT_STATUSES:  # from the whole manifest: earlier runs' rows count too
+        export = coco.export(spec.output, spec.mode, spec.detect.texts, spec.input, spec.spec_hash())
     # 3. Summary, then _SUCCESS last.
     seconds = time.perf_counter() - t0
     processed = sum(v for k, v in consumer.counts.items() if k != "skipped")
@@ -427,11 +436,16 @@ def run_job(
         "errors": dict(consumer.errors),
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 3) if seconds > 0 else 0.0,
-        "stage_ms_per_image": {s: round(consumer.stage_ms[s] / max(processed, 1), 3) for s in TIMING_STAGES},
+        "stage_ms_per_image": {
+            s: round(consumer.stage_ms[s] / max(processed, 1), 3) for s in TIMING_STAGES if s in spec.stages()
+        },
         "spec_hash": spec.spec_hash(),
         "models": models,
         "manifest_rows_written": consumer.writer.rows,
+        "mode": spec.mode,
     }
+    if export is not None:
+        summary["coco"] = export
     summary["lineage"] = lineage.finish(summary, manifest.combine(consumer.writer.written), spec.to_yaml())
     manifest.write_success(spec.output, summary)
     return JobResult(spec.output, len(all_paths), dict(consumer.counts), dict(consumer.errors), seconds, summary)
@@ -443,13 +457,18 @@ def format_summary(result: JobResult) -> str:
         f"promptpaint: {s['inputs']} inputs -> {result.output}",
         f"  {'processed':<14}{s['processed']:>8}",
     ]
+    main = {"detect": "detected", "segment": "segmented"}.get(s.get("mode", "edit"), "edited")
     for status in manifest.STATUSES:
-        lines.append(f"  {status:<14}{result.counts.get(status, 0):>8}")
+        if status == main or result.counts.get(status, 0):
+            lines.append(f"  {status:<14}{result.counts.get(status, 0):>8}")
     for kind, n in sorted(result.errors.items()):
         lines.append(f"    error {kind:<16}{n:>6}")
     lines.append(f"  {'images/s':<14}{s['images_per_second']:>8.2f}   ({s['seconds']:.1f} s wall)")
     per_stage = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_ms_per_image"].items())
     lines.append(f"  ms per image by stage: {per_stage}")
+    if "coco" in s:
+        c = s["coco"]
+        lines.append(f"  coco export: {c['images']} images, {c['annotations']} annotations -> {c['path']}")
     lin = s.get("lineage", {})
     if lin.get("mode", "off") != "off":
         where = lin.get("offline_archive") or "online"
