@@ -267,7 +267,9 @@ def test_failed_ray_job_releases_its_cpus_while_its_error_is_held(tmp_path, tiny
     except Exception as e:  # noqa: BLE001 - holding it is the point
         held.append(e)
     try:
-        freed = wait_for_free_cpus(2, timeout=20)
+        # Not leaking means "freed within a bound", not "instantly": actor teardown on a loaded 2-core box
+        # took over 20 s once in CI; a leak never frees them.
+        freed = wait_for_free_cpus(2, timeout=90)
         record(
             "Failed Ray job, error kept by the caller",
             injected="an unwritable output on Ray, the raised exception kept referenced",
