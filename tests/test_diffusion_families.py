@@ -188,7 +188,8 @@ def test_generate_cli_writes_pngs_jsonl_and_reruns_to_identical_bytes(models_dir
     lines = [json.loads(x) for x in (out / JSONL_NAME).read_text().splitlines()]
     expected_ids = [image_id(p, k, 7, "sd15") for p in ("a photo of a dog", "the car") for k in range(2)]
     assert [r["id"] for r in lines] == expected_ids
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.png" for i in expected_ids] + [JSONL_NAME])
+    tag = lines[0]["settings"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}-{tag}.png" for i in expected_ids] + [JSONL_NAME])
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     for rec in lines:
         assert rec["status"] == "ok" and rec["seed"] == derive_seed(7, rec["id"])
@@ -202,6 +203,15 @@ def test_generate_cli_writes_pngs_jsonl_and_reruns_to_identical_bytes(models_dir
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # images and jsonl: same bytes
+
+    # Other settings: new files beside the old ones (same noise seeds), never a silent overwrite.
+    more = runner.invoke(app, [*args, "--steps", "3"])  # the last --steps wins
+    assert more.exit_code == 0, more.output
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert all(now[name] == data for name, data in first.items() if name != JSONL_NAME)
+    assert len(now) == len(first) + 4
+    recs = [json.loads(x) for x in (out / JSONL_NAME).read_text().splitlines()]
+    assert len(recs) == 8 and {r["seed"] for r in recs} == {r["seed"] for r in lines}
 
 
 def test_generate_cli_exit_codes(models_dir: str, tmp_path: Path) -> None:

@@ -44,6 +44,16 @@ def image_id(prompt: str, index: int, seed: int, model: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def settings_tag(spec: GenerateSpec, width: int, height: int) -> str:
+    """8 hex chars over the settings that change pixels but not the noise (steps, guidance, size, negative).
+
+    Part of the file name, so a re-run with other settings writes new files instead of replacing the
+    earlier images, while the same (prompt, index, seed, model) still starts from the same noise.
+    """
+    blob = json.dumps([spec.steps, spec.guidance_scale, width, height, spec.negative_prompt], separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:8]
+
+
 def plan_rows(prompts: list[str], n: int, spec: GenerateSpec) -> list[GenRow]:
     """``n`` rows per prompt, in argument order; a prompt given twice yields its rows once."""
     rows, seen = [], set()
@@ -62,12 +72,17 @@ def _chunks(rows: list[GenRow], size: int) -> Iterator[list[GenRow]]:
 
 
 def _read_jsonl(uri: str) -> dict[str, str]:
-    """id -> raw line of an existing generate.jsonl (empty if there is none)."""
+    """file stem (id-settings) -> raw line of an existing generate.jsonl (empty if there is none)."""
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         return {}
     with fs.open(path, "rt", encoding="utf-8") as f:
-        return {json.loads(line)["id"]: line.rstrip("\n") for line in f if line.strip()}
+        out = {}
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                out[f"{rec['id']}-{rec['settings']}"] = line.rstrip("\n")
+        return out
 
 
 def run_generate(
@@ -99,6 +114,7 @@ def run_generate(
         "width": gen.width,
         "height": gen.height,
     }
+    tag = settings_tag(spec, gen.width, gen.height)
     result = GenerateResult()
     lines = _read_jsonl(posixpath.join(out, JSONL_NAME))
     bar = tqdm(total=len(rows), unit="img", desc="generate", disable=not progress, file=sys.stderr)
@@ -113,11 +129,12 @@ def run_generate(
             for i, r in enumerate(chunk):
                 record: dict[str, Any] = {
                     "id": r.id,
-                    "file": f"{r.id}.png",
+                    "file": f"{r.id}-{tag}.png",
                     "prompt": r.prompt,
                     "negative_prompt": spec.negative_prompt,
                     "index": r.index,
                     "seed": batch["seed"][i],
+                    "settings": tag,
                     **meta,
                 }
                 if batch["status"][i]:
@@ -128,7 +145,7 @@ def run_generate(
                     atomic_write(path, encode_png(batch["image"][i], text=_png_text(record)))
                     record["status"] = "ok"
                     result.written.append(path)
-                lines[r.id] = json.dumps(record, ensure_ascii=False)
+                lines[f"{r.id}-{tag}"] = json.dumps(record, ensure_ascii=False)
             bar.update(len(chunk))
     finally:
         bar.close()
