@@ -145,13 +145,15 @@ def models_list(
         str | None, typer.Option(envvar="PROMPTPAINT_MODELS_DIR", help="local weights folder")
     ] = None,
 ) -> None:
-    """Every registered model: task, hub id, pinned revision, and whether it is available here."""
-    from promptpaint.models import MODELS, is_available
+    """Every registered model: task, hub id (or ultralytics asset), pinned revision, and whether it is available here."""
+    from promptpaint.models import MODELS, is_available, source_label
 
-    typer.echo(f"{'name':<16}{'task':<9}{'available':<11}{'hub id @ revision'}")
+    typer.echo(
+        f"{'name':<16}{'task':<9}{'available':<11}{'hub id @ revision (ultralytics: asset from repo @ release)'}"
+    )
     for name, e in MODELS.items():
         ok = "yes" if is_available(name, models_dir) else "no"
-        typer.echo(f"{name:<16}{e.task:<9}{ok:<11}{e.hub_id} @ {e.revision}")
+        typer.echo(f"{name:<16}{e.task:<9}{ok:<11}{source_label(e)}")
 
 
 @models_app.command("build-tiny")

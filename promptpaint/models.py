@@ -8,14 +8,19 @@ Per-family behaviour lives in small dicts (``_LOADERS``, ``_BUILDERS``, ``_PROBE
 adding a model is one registry entry, adding a family is one function per dict.
 
 This module reads no environment variables itself (``config.py`` resolves ``PROMPTPAINT_MODELS_DIR``);
-``HF_HUB_OFFLINE`` is honoured by huggingface_hub / transformers / diffusers.
+``HF_HUB_OFFLINE`` is honoured by huggingface_hub / transformers / diffusers, ``YOLO_OFFLINE`` by ultralytics
+(the ultralytics families load through ultralytics' own classes; see :func:`import_ultralytics` for the one
+environment side effect of ultralytics that is undone here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,14 +36,18 @@ __all__ = [
     "LoadedModel",
     "ModelEntry",
     "ModelNotAvailable",
+    "UltralyticsParts",
     "build_tiny",
     "get_entry",
+    "import_ultralytics",
     "inpaint_default_resolution",
     "is_available",
     "load_model",
     "owl_target_size",
     "pipeline_default_resolution",
     "resolve_source",
+    "source_label",
+    "ultralytics_asset_path",
 ]
 
 # Written into every build_tiny folder; lets a rebuild replace that folder without clobbering real weights.
@@ -59,6 +68,8 @@ class ModelEntry:
     default_resolution: int | None  # inpaint / generate: the checkpoint's native square side
     description: str
     pipeline: str | None = None  # diffusers pipeline class (diffusers families): the stage never if-chains on it
+    asset: str | None = None  # ultralytics families: the .pt file released on github.com/ultralytics/assets
+    asset_release: str | None = None  # ... and the release it is pinned to
 
 
 @dataclass
@@ -66,9 +77,15 @@ class LoadedModel:
     entry: ModelEntry
     source: str  # local folder or hub id actually loaded
     revision: str | None  # resolved commit when known, else the requested revision, else "local"
-    processor: Any  # transformers processor (detect/segment); None for diffusers pipelines
-    model: Any  # transformers model in eval mode, or a diffusers pipeline
+    # (ultralytics assets: "<pinned release or CLIP commit>+sha256:<first 12 hex of the .pt loaded>")
+    processor: Any  # transformers processor (detect/segment); UltralyticsParts; None for diffusers pipelines
+    model: Any  # transformers model in eval mode, a diffusers pipeline, or an ultralytics model
 
+
+# Ultralytics weights are release assets of this GitHub repo, not hub repos; v8.4.0 is the release ultralytics
+# 8.4.x itself downloads them from (attempt_download_asset's default).
+ULTRALYTICS_ASSETS = "ultralytics/assets"
+ULTRALYTICS_RELEASE = "v8.4.0"
 
 # Revisions are the hub commits pinned by several independent public projects (found via code search);
 # bump them deliberately, together with a run against the real checkpoints.
@@ -101,6 +118,40 @@ MODELS: dict[str, ModelEntry] = {
             revision="70c1a07f894ebb5b307fd9eaaee97b9dfc16068f",
             default_resolution=None,
             description="Segment Anything ViT-B, box/point prompted masks (1024 px longest edge)",
+        ),
+        ModelEntry(
+            name="yolo-world",
+            task="detect",
+            family="yolo-world",
+            # Its class text encoder: CLIP ViT-B/32, the text weights ultralytics' own `clip:ViT-B/32` loads.
+            hub_id="openai/clip-vit-base-patch32",
+            revision="3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268",
+            default_resolution=None,
+            description="YOLO-World v2 S open-vocabulary detector (640 px letterbox), CLIP ViT-B/32 text features",
+            asset="yolov8s-worldv2.pt",
+            asset_release=ULTRALYTICS_RELEASE,
+        ),
+        ModelEntry(
+            name="mobile-sam",
+            task="segment",
+            family="ultralytics-sam",
+            hub_id=ULTRALYTICS_ASSETS,
+            revision=ULTRALYTICS_RELEASE,  # a release tag: the assets repo has no per-file commits
+            default_resolution=None,
+            description="MobileSAM (TinyViT encoder, SAM decoder), box/point prompted masks (1024 px letterbox)",
+            asset="mobile_sam.pt",
+            asset_release=ULTRALYTICS_RELEASE,
+        ),
+        ModelEntry(
+            name="fastsam",
+            task="segment",
+            family="fastsam",
+            hub_id=ULTRALYTICS_ASSETS,
+            revision=ULTRALYTICS_RELEASE,
+            default_resolution=None,
+            description="FastSAM-s: YOLOv8-seg masks of everything, prompts select among them (1024 px letterbox)",
+            asset="FastSAM-s.pt",
+            asset_release=ULTRALYTICS_RELEASE,
         ),
         ModelEntry(
             name="sd15-inpaint",
@@ -232,11 +283,250 @@ def _fixed(loader: Loader) -> Callable[[ModelEntry], Loader]:
     return lambda entry: loader
 
 
+# --------------------------------------------------------------------------------------------------------
+# Ultralytics families: YOLO-World (detect), MobileSAM and FastSAM (segment)
+# --------------------------------------------------------------------------------------------------------
+# A local folder ``<models_dir>/<name>/`` holds exactly one ``*.pt`` ultralytics checkpoint (the real asset file
+# can be copied in as is), YOLO-World also ``text_encoder/`` (a transformers CLIP text tower + tokenizer), and
+# optionally ULTRALYTICS_PREDICT_FILE. Without a local folder the asset is taken from where ultralytics itself
+# looks (working directory, then its weights dir), and downloaded by ultralytics only when it is online
+# (YOLO_OFFLINE unset); offline, a missing asset fails at once instead of in ultralytics' download retries.
+
+ULTRALYTICS_PREDICT_FILE = "ultralytics_predict.json"  # {"imgsz": N}: the square side to predict at
+# Square side each family's predictor letterboxes to: the resolution the real checkpoints were trained at.
+ULTRALYTICS_IMGSZ = {"yolo-world": 640, "ultralytics-sam": 1024, "fastsam": 1024}
+# The tiny models predict at 128 px (their folder's ULTRALYTICS_PREDICT_FILE) so CPU tests stay fast.
+TINY_ULTRALYTICS_IMGSZ = 128
+
+
+@dataclass
+class UltralyticsParts:
+    """``LoadedModel.processor`` of the ultralytics families: what a stage needs besides the ultralytics model.
+
+    ``weights``: the .pt file loaded; ``imgsz``: square side the predictor letterboxes to; ``tokenizer`` /
+    ``text_model``: YOLO-World's CLIP text tower (transformers ``CLIPTokenizer`` /
+    ``CLIPTextModelWithProjection``, on the CPU until the stage moves it), None for the segmenters.
+    """
+
+    weights: str
+    imgsz: int
+    tokenizer: Any = None
+    text_model: Any = None
+
+
+def import_ultralytics() -> Any:
+    """Import ultralytics without its process-wide side effect: when OMP_NUM_THREADS is unset it sets it to 1 (a
+    training default), which every process started afterwards (Ray workers) would inherit. Our code imports
+    ultralytics only after calling this."""
+    if "ultralytics" in sys.modules:
+        return sys.modules["ultralytics"]
+    ours = "OMP_NUM_THREADS" not in os.environ
+    import ultralytics
+
+    if ours:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    return ultralytics
+
+
+def ultralytics_asset_path(asset: str) -> Path | None:
+    """Where ultralytics would find ``asset`` without downloading: the working directory, then its weights dir."""
+    import_ultralytics()
+    from ultralytics.utils import SETTINGS
+
+    for path in (Path(asset), Path(SETTINGS["weights_dir"]) / asset):
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def _ultralytics_fix(entry: ModelEntry) -> str:
+    """How to make an ultralytics asset available (for ModelNotAvailable)."""
+    import_ultralytics()
+    from ultralytics.utils import SETTINGS
+
+    fix = (
+        f"put {entry.asset} ({ULTRALYTICS_ASSETS} release {entry.asset_release}) into the working directory or "
+        f"ultralytics' weights dir {SETTINGS['weights_dir']}, or unset YOLO_OFFLINE so ultralytics downloads it"
+    )
+    if entry.hub_id != ULTRALYTICS_ASSETS:
+        fix += f" (and have {entry.hub_id} in the HF cache or the hub reachable)"
+    return fix
+
+
+def _fetch_asset(asset: str, release: str) -> Path:
+    """The asset file: found locally, else downloaded by ultralytics from ``release`` when it is online."""
+    import_ultralytics()
+    from ultralytics.utils import ONLINE, SETTINGS
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    found = ultralytics_asset_path(asset)
+    if found is not None:
+        return found
+    weights_dir = Path(SETTINGS["weights_dir"])
+    if not ONLINE:  # YOLO_OFFLINE=1 (or no DNS) at ultralytics import
+        raise FileNotFoundError(f"{asset} is in neither {Path.cwd()} nor {weights_dir} and ultralytics is offline")
+    path = Path(attempt_download_asset(weights_dir / asset, release=release))
+    if not path.is_file():
+        raise FileNotFoundError(f"ultralytics could not download {asset} ({ULTRALYTICS_ASSETS} {release})")
+    return path
+
+
+def _local_checkpoint(folder: Path, entry: ModelEntry) -> Path:
+    pts = sorted(folder.glob("*.pt"))
+    if len(pts) != 1:
+        found = [p.name for p in pts] or "none"
+        raise FileNotFoundError(f"{folder} must hold exactly one .pt checkpoint (e.g. {entry.asset}); found {found}")
+    return pts[0]
+
+
+def _sha256_prefix(path: Path, n: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:n]
+
+
+def _ultralytics_loader(model_cls: str, text_tower: bool = False) -> Callable[[ModelEntry], Loader]:
+    """Loader through ultralytics' own class (``YOLOWorld`` / ``SAM`` / ``FastSAM``), the same for local and real.
+
+    Returns (UltralyticsParts, ultralytics model, revision). The revision of a non-local load is
+    ``<pinned revision>+sha256:<first 12 hex of the .pt file>``: the release (or, for YOLO-World, the resolved
+    CLIP commit) and the hash of the file actually loaded, which may come from the working directory.
+    """
+
+    def for_entry(entry: ModelEntry) -> Loader:
+        asset, release = entry.asset, entry.asset_release
+        if asset is None or release is None:
+            raise ValueError(f"registry entry {entry.name!r} of ultralytics family {entry.family!r} names no asset")
+
+        def load(source: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
+            ultralytics = import_ultralytics()
+            folder = Path(source)
+            local = folder.is_dir()
+            weights = _local_checkpoint(folder, entry) if local else _fetch_asset(asset, release)
+            settings_file = folder / ULTRALYTICS_PREDICT_FILE
+            settings = json.loads(settings_file.read_text()) if local and settings_file.is_file() else {}
+            parts = UltralyticsParts(str(weights), int(settings.get("imgsz", ULTRALYTICS_IMGSZ[entry.family])))
+            pinned = entry.revision
+            if text_tower:
+                from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+                text_source = str(folder / "text_encoder") if local else entry.hub_id
+                kw = _hub_kwargs(revision)
+                parts.tokenizer = CLIPTokenizer.from_pretrained(text_source, **kw)
+                parts.text_model = CLIPTextModelWithProjection.from_pretrained(text_source, dtype=dtype, **kw).eval()
+                pinned = getattr(parts.text_model.config, "_commit_hash", None) or pinned
+            model = getattr(ultralytics, model_cls)(str(weights))
+            return parts, model, None if local else f"{pinned}+sha256:{_sha256_prefix(weights)}"
+
+        return load
+
+    return for_entry
+
+
+class _SaveAs:
+    """Gives an object without ``save_pretrained`` build_tiny's contract: ``save(folder)`` writes its files."""
+
+    def __init__(self, save: Callable[[Path], Any]):
+        self._save = save
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self._save(Path(folder))
+
+
+def _tiny_predict_settings() -> _SaveAs:
+    settings = json.dumps({"imgsz": TINY_ULTRALYTICS_IMGSZ}) + "\n"
+    return _SaveAs(lambda folder: (folder / ULTRALYTICS_PREDICT_FILE).write_text(settings))
+
+
+def _tiny_yolo_init(model: Any) -> None:
+    """Re-initialise a random YOLO so it behaves like a detector in tests: image-dependent scores around 0.5,
+    boxes the size of their anchor cell.
+
+    PyTorch's default conv init shrinks activations through YOLO's ~60 convs, so the head of a random net sees
+    the same features for every image; He init keeps them alive (the DFL's fixed integral conv is left alone).
+    The head's class logits start at -10 (WorldDetect's contrastive bias, Detect's prior), so nothing would pass
+    a threshold: zeroed, and scaled up, scores spread between ~0.1 and ~0.9. Random box logits put each side ~7.5
+    strides from its anchor; zero weights and a bias falling by 1 per DFL bin make each side ~0.6 stride.
+    """
+    with torch.no_grad():
+        for conv in model.modules():
+            if isinstance(conv, torch.nn.Conv2d) and conv.weight.requires_grad:
+                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        head = model.model[-1]
+        for box in (seq[-1] for seq in head.cv2):
+            box.weight.zero_()
+            box.bias.copy_(-torch.arange(head.reg_max, dtype=torch.float32).repeat(4))
+        if type(head).__name__ == "WorldDetect":
+            for contrastive in head.cv4:  # BNContrastiveHead: logits = exp(logit_scale) * cos-like sim + bias
+                contrastive.bias.zero_()
+                contrastive.logit_scale.fill_(math.log(20.0))
+        else:
+            for cls in (seq[-1] for seq in head.cv3):
+                cls.bias.zero_()
+                cls.weight.mul_(100.0)
+
+
+def _build_yolo_world() -> list[Any]:
+    """Tiny YOLO-World v2: ultralytics' packaged yolov8-worldv2.yaml at scale n (3.7 M params, random) saved as an
+    ultralytics checkpoint, and a tiny CLIP text tower with the real 512-d projection (txt_feats are (1, nc, 512))."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    import_ultralytics()
+    from ultralytics import YOLOWorld
+
+    world = YOLOWorld("yolov8n-worldv2.yaml")  # built from the config inside the package: no download
+    _tiny_yolo_init(world.model)
+    tok = tiny_tokenizer(TINY_TEXT_LEN_SD)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_text_config(tok, TINY_TEXT_LEN_SD), projection_dim=512))
+
+    def save_text(folder: Path) -> None:
+        text.save_pretrained(folder / "text_encoder")
+        tok.save_pretrained(folder / "text_encoder")
+
+    return [_SaveAs(lambda folder: world.save(folder / "model.pt")), _SaveAs(save_text), _tiny_predict_settings()]
+
+
+def _build_mobile_sam() -> list[Any]:
+    """MobileSAM with random weights, at full size (10.1 M params, 41 MB).
+
+    ultralytics' SAM loader picks the architecture from the file name (``mobile_sam.pt`` -> build_mobile_sam,
+    models/sam/build.py) and loads the state dict strictly, so no smaller network loads through it. The tiny
+    folder predicts at 128 px instead of 1024 (TinyViT and the prompt encoder follow ``set_imgsz``): one image
+    encoder pass takes ~0.05 s on one idle CPU core instead of ~3 s (~8 s on a busy 2-core box).
+    """
+    import_ultralytics()
+    from ultralytics.models.sam.build import build_mobile_sam
+
+    sam = build_mobile_sam()
+    return [_SaveAs(lambda folder: torch.save(sam.state_dict(), folder / "mobile_sam.pt")), _tiny_predict_settings()]
+
+
+def _build_fastsam() -> list[Any]:
+    """Tiny FastSAM: FastSAM is a one-class YOLOv8-seg, so ultralytics' yolov8-seg.yaml at scale n with nc=1."""
+    import_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+    from ultralytics.utils import YAML
+
+    cfg = {k: v for k, v in yaml_model_load("yolov8n-seg.yaml").items() if k != "yaml_file"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "yolov8n-seg.yaml"  # ultralytics reads the scale (n) and the task from the name
+        YAML.save(path, {**cfg, "nc": 1})
+        seg = YOLO(str(path))
+    _tiny_yolo_init(seg.model)
+    return [_SaveAs(lambda folder: seg.save(folder / "model.pt")), _tiny_predict_settings()]
+
+
 # family -> (registry entry -> loader). Most families ignore the entry; diffusers ones read its pipeline class.
 _LOADERS: dict[str, Callable[[ModelEntry], Loader]] = {
     "owlv2": _fixed(_transformers_loader("Owlv2Processor", "Owlv2ForObjectDetection")),
     "owlvit": _fixed(_transformers_loader("OwlViTProcessor", "OwlViTForObjectDetection")),
     "sam": _fixed(_transformers_loader("SamProcessor", "SamModel")),
+    "yolo-world": _ultralytics_loader("YOLOWorld", text_tower=True),
+    "ultralytics-sam": _ultralytics_loader("SAM"),
+    "fastsam": _ultralytics_loader("FastSAM"),
     # Bulk editing of user images: no safety checker (it also doubles memory).
     "sd-inpaint": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
     "sd": _diffusers_loader(safety_checker=None, requires_safety_checker=False),
@@ -253,6 +543,8 @@ _PROBE_FILES: dict[str, tuple[str, ...]] = {
     "owlv2": ("config.json", "preprocessor_config.json"),
     "owlvit": ("config.json", "preprocessor_config.json"),
     "sam": ("config.json", "preprocessor_config.json"),
+    # Ultralytics families: the asset file is probed too (is_available); these are the hub part, if any.
+    "yolo-world": ("config.json", "tokenizer_config.json"),
     "sd-inpaint": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
     "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"),
     "sdxl-inpaint": (
@@ -278,17 +570,20 @@ def _not_available(
 ) -> ModelNotAvailable:
     looked = str(Path(models_dir) / entry.name) if models_dir is not None else "<no models_dir set>"
     first_line = (str(cause).splitlines() or [""])[0][:300]
-    hub = f"{entry.hub_id}@{entry.revision or 'main'}"
-    where = (
-        f"found {looked} but could not load it"
-        if is_local
-        else f"looked in {looked} (no such folder) and on the hub for {hub}"
+    if entry.asset is None:
+        hub = f"on the hub for {entry.hub_id}@{entry.revision or 'main'}"
+    else:
+        hub = f"for {source_label(entry)} where ultralytics looks"
+    where = f"found {looked} but could not load it" if is_local else f"looked in {looked} (no such folder) and {hub}"
+    remote = (
+        "unset HF_HUB_OFFLINE and make sure the hub is reachable (or the checkpoint is in the HF cache)"
+        if entry.asset is None
+        else _ultralytics_fix(entry)
     )
     return ModelNotAvailable(
         f"model {entry.name!r} is not available: {where} ({type(cause).__name__}: {first_line}).\n"
         "Fix one of: set models_dir (or PROMPTPAINT_MODELS_DIR) to a folder containing a complete "
-        f"'{entry.name}/'; unset HF_HUB_OFFLINE and make sure the hub is reachable (or the checkpoint is in "
-        "the HF cache); or run `promptpaint models build-tiny DIR` and point models_dir at DIR for the "
+        f"'{entry.name}/'; {remote}; or run `promptpaint models build-tiny DIR` and point models_dir at DIR for the "
         "random-weight test set."
     )
 
@@ -341,17 +636,32 @@ def load_model(
 
 
 def is_available(name: str, models_dir: str | None) -> bool:
-    """True if ``models_dir/name`` exists or the pinned checkpoint's config files are in the HF cache.
+    """True if ``models_dir/name`` exists or the pinned checkpoint's config files are in the HF cache (and, for
+    ultralytics families, the asset file is where ultralytics looks: working directory or its weights dir).
 
     Never touches the network.
     """
     entry = get_entry(name)
     if resolve_source(name, models_dir)[1]:
         return True
+    if entry.asset is not None and ultralytics_asset_path(entry.asset) is None:
+        return False
     return all(
         isinstance(try_to_load_from_cache(entry.hub_id, f, revision=entry.revision), str)
-        for f in _PROBE_FILES[entry.family]
+        for f in _PROBE_FILES.get(entry.family, ())
     )
+
+
+def source_label(entry: ModelEntry) -> str:
+    """Where the entry's weights come from without a local folder, pins included (``models list``, errors).
+
+    ``hub_id @ revision``; ultralytics families ``asset from ultralytics/assets @ release`` (+ the hub part).
+    """
+    hub = f"{entry.hub_id} @ {entry.revision}"
+    if entry.asset is None:
+        return hub
+    asset = f"{entry.asset} from {ULTRALYTICS_ASSETS} @ {entry.asset_release}"
+    return asset if entry.hub_id == ULTRALYTICS_ASSETS else f"{asset} + {hub}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -759,6 +1069,9 @@ _BUILDERS: dict[str, Callable[[], list[Any]]] = {
     "owlv2": _build_owlv2,
     "owlvit": _build_owlvit,
     "sam": _build_sam,
+    "yolo-world": _build_yolo_world,
+    "ultralytics-sam": _build_mobile_sam,
+    "fastsam": _build_fastsam,
     "sd-inpaint": _build_sd_inpaint,
     "sdxl-inpaint": _build_sdxl_inpaint,
     "sd": _build_sd,

@@ -50,7 +50,8 @@ def test_registry_is_consistent() -> None:
     for name, entry in M.MODELS.items():
         assert entry.name == name
         assert entry.family in M._LOADERS and entry.family in M._BUILDERS
-        assert entry.revision and len(entry.revision) == 40  # pinned commit, not a branch
+        # pinned commit, not a branch (ultralytics assets: a release tag of ultralytics/assets)
+        assert entry.revision and (len(entry.revision) == 40 or entry.revision == entry.asset_release)
     assert M.MODELS["sd15-inpaint"].default_resolution == 512
 
 
@@ -96,7 +97,10 @@ def test_real_checkpoint_loads_at_pinned_revision(name: str) -> None:
     if not M.is_available(name, None):
         pytest.skip(f"{M.get_entry(name).hub_id} is not in the HF cache")
     lm = M.load_model(name, None, CPU, torch.float32)
-    assert lm.source == lm.entry.hub_id and lm.revision == lm.entry.revision
+    assert lm.source == lm.entry.hub_id
+    # ultralytics assets: the pin plus the hash of the .pt file actually loaded
+    pinned = lm.revision.split("+sha256:")[0] if lm.entry.asset else lm.revision
+    assert pinned == lm.entry.revision
 
 
 # ---------------------------------------------------------------------------------------------- tiny set

@@ -10,6 +10,7 @@ import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
 from promptpaint.actors.prompts import merge_instances
+from promptpaint.actors.ultralytics_backends import YoloWorldBackend
 from promptpaint.config import DetectSpec, RuntimeSpec
 from promptpaint.models import LoadedModel, load_model, owl_target_size
 
@@ -60,6 +61,7 @@ class OwlBackend:
 DETECT_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], DetectBackend]] = {
     "owlv2": OwlBackend,
     "owlvit": OwlBackend,
+    "yolo-world": YoloWorldBackend,
 }
 
 

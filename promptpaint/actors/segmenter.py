@@ -11,6 +11,7 @@ import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
 from promptpaint.actors.prompts import InstancePrompt, instance_prompts
+from promptpaint.actors.ultralytics_backends import FastSamBackend, UltralyticsSamBackend
 from promptpaint.config import RuntimeSpec, SegmentSpec
 from promptpaint.models import LoadedModel, load_model
 
@@ -157,6 +158,8 @@ class SamBackend:
 # family -> backend constructor (loaded model, device, dtype). A new segmenter family registers here.
 SEGMENT_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], SegmentBackend]] = {
     "sam": SamBackend,
+    "ultralytics-sam": UltralyticsSamBackend,
+    "fastsam": FastSamBackend,
 }
 
 
