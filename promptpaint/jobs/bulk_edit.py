@@ -34,7 +34,7 @@ from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
 from promptpaint.config import EditSpec
 from promptpaint.io import expand_input, remove_temp_files
 from promptpaint.lineage import Lineage, job_name, running_stats
-from promptpaint.models import ModelNotAvailable, check_task, is_available, resolve_source
+from promptpaint.models import ModelNotAvailable, check_task, is_available, resolve_source, source_label
 
 MODEL_STAGES = ("detect", "segment", "inpaint", "score")
 
@@ -191,9 +191,9 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
         if not is_available(name, spec.models_dir):
             raise ModelNotAvailable(
                 f"model {name!r} for stage {stage} is not available: looked in "
-                f"{spec.models_dir or '<models_dir unset>'}/{name} and the Hugging Face cache for "
-                f"{entry.hub_id}@{entry.revision}. Fix: set models_dir (or PROMPTPAINT_MODELS_DIR) to a "
-                "folder holding it, download it with hub access (unset HF_HUB_OFFLINE), or run "
+                f"{spec.models_dir or '<models_dir unset>'}/{name} and the local caches for "
+                f"{source_label(entry)}. Fix: set models_dir (or PROMPTPAINT_MODELS_DIR) to a "
+                "folder holding it, download it with network access (unset HF_HUB_OFFLINE / YOLO_OFFLINE), or run "
                 "`promptpaint models build-tiny DIR` for the random-weight test set."
             )
         out[stage] = {"name": name, "source": source, "revision": "local" if local else entry.revision}
