@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -269,6 +270,7 @@ def _diffusers_loader(**extra: Any) -> Callable[[ModelEntry], Loader]:
             if not entry.pipeline:
                 raise ValueError(f"registry entry {entry.name!r} names no diffusers pipeline class")
             cls = getattr(diffusers, entry.pipeline)
+            _quiet_diffusers()
             # diffusers 0.42 deprecates torch_dtype= in favour of dtype=
             pipe = cls.from_pretrained(source, dtype=dtype, **extra, **_hub_kwargs(revision))
             pipe.set_progress_bar_config(disable=True)
@@ -277,6 +279,21 @@ def _diffusers_loader(**extra: Any) -> Callable[[ModelEntry], Loader]:
         return load
 
     return for_entry
+
+
+class _DropEmptyFp32Warning(logging.Filter):
+    """diffusers warns on every ``vae.to(dtype)`` that "modules should be kept in float32: []" -- an empty
+    list, so nothing is at risk. SDXL inpainting casts its VAE that way on every call (``force_upcast``),
+    which would print the warning once per batch for the whole job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def _quiet_diffusers() -> None:
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _DropEmptyFp32Warning) for f in log.filters):
+        log.addFilter(_DropEmptyFp32Warning())
 
 
 def _fixed(loader: Loader) -> Callable[[ModelEntry], Loader]:
