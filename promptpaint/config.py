@@ -132,7 +132,13 @@ class DetectSpec(_Section):
 
 class SegmentSpec(_Section):
     model: str = "sam"
-    multimask: Literal["best", "largest", "single"] = "best"
+    multimask: Literal["best", "largest", "single", "all"] = Field(
+        "best",
+        description=(
+            "best: highest predicted-quality candidate of the model's 3; largest: the largest candidate; single: ask "
+            "for one mask; all: every candidate becomes an instance (labels/scores/boxes repeated to match)"
+        ),
+    )
     clip_to_box: bool = Field(
         True, description="drop mask pixels outside the prompting box (SAM can leak); box-prompted instances only"
     )

@@ -363,3 +363,27 @@ def test_qc_scores_every_edit_and_rejects_below_min_score(tiny_models: Path, cor
     for r in failed:
         assert Path(r["output_path"]).parent.name == "rejected" and Path(r["output_path"]).is_file()
         assert r["error_kind"] == "qc_failed" and "100" in r["error_message"]
+
+
+def test_multimask_all_keeps_every_candidate_aligned(tiny_models: Path, corpus: Path, tmp_path: Path) -> None:
+    best = _spec(corpus, tmp_path / "best", tiny_models, "segment")
+    every = _spec(corpus, tmp_path / "all", tiny_models, "segment", segment={"multimask": "all"})
+    paths = [str(p) for p in sorted(corpus.glob("sample_*"))[:3]]
+    one = Chain(best, ["read", "detect", "segment"])({"path": paths})
+    out = Chain(every, ["read", "detect", "segment"])({"path": paths})
+    for k in range(len(paths)):
+        n = len(one["labels"][k])
+        assert out["masks"][k].shape[0] == 3 * n == len(out["mask_scores"][k]) == len(out["det_scores"][k])
+        assert out["labels"][k] == [lab for lab in one["labels"][k] for _ in range(3)]
+        np.testing.assert_array_equal(out["boxes"][k], np.repeat(one["boxes"][k], 3, axis=0))
+        # "best" picked one of the three candidates of each instance, with its score.
+        for j in range(n):
+            cands = out["masks"][k][3 * j : 3 * j + 3]
+            assert any(np.array_equal(c, one["masks"][k][j]) for c in cands)
+            assert one["mask_scores"][k][j] == pytest.approx(out["mask_scores"][k][3 * j : 3 * j + 3].max())
+    # Through the job: one COCO annotation per candidate.
+    result = run_job(every, progress=False)
+    data = json.loads((tmp_path / "all" / coco.COCO_FILE).read_text())
+    rows = manifest.read_manifest(every.output).to_pylist()
+    assert len(data["annotations"]) == sum(len(r["rles"]) for r in rows if r["status"] == "segmented")
+    assert result.summary["coco"]["annotations"] == len(data["annotations"]) > 0

@@ -176,7 +176,9 @@ class Segmenter:
     for a points-only image). ``clip_to_box`` applies to box-prompted instances only.
 
     ``multimask``: ``best`` asks the model for several candidates per instance (3 for SAM) and keeps the
-    highest score, ``largest`` keeps the largest candidate, ``single`` asks for one mask.
+    highest score, ``largest`` keeps the largest candidate, ``single`` asks for one mask, ``all`` keeps
+    every candidate as an instance of its own: instance k's M candidates become instances k*M .. k*M+M-1,
+    and ``labels``, ``det_scores`` and ``boxes`` are repeated to match, so every column stays aligned.
     """
 
     stage = "segment"
@@ -202,6 +204,8 @@ class Segmenter:
         mscores = ensure_column(batch, "mask_scores", lambda: np.zeros((0,), np.float32))
         per_row = {i: self.prompts(batch, i) for i in active(batch)}
         rows = [i for i, p in per_row.items() if p]
+        # Per-instance columns as the detector left them (``all`` repeats them; a retry must start from these).
+        detected = {i: (list(batch["labels"][i]), batch["det_scores"][i], batch["boxes"][i]) for i in rows}
 
         def segment(idx: list[int]) -> None:
             images = [batch["image"][i] for i in idx]
@@ -216,10 +220,28 @@ class Segmenter:
                     boxes = np.stack([per_image[r][j].box for j in boxed])
                     masks[i][boxed] &= box_masks(boxes, *c.shape[-2:])
                 mscores[i] = s[np.arange(n), pick].astype(np.float32)
+                if self.spec.multimask == "all":
+                    self._keep_all(batch, i, c, s, boxed, detected[i])
 
         with timed(batch, self.stage, rows):
             run_with_fallback(batch, rows, self.stage, segment)
         return batch
+
+    def _keep_all(
+        self, batch: Batch, i: int, cand: np.ndarray, iou: np.ndarray, boxed: list[int], detected: tuple
+    ) -> None:
+        """Every candidate an instance: (N, M, H, W) -> masks (N*M, H, W), per-instance columns repeated M times."""
+        n, m = cand.shape[:2]
+        labels, det_scores, boxes = detected
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        c = cand.copy()
+        if self.spec.clip_to_box and boxed:
+            c[boxed] &= box_masks(boxes[boxed], *c.shape[-2:])[:, None]
+        batch["masks"][i] = c.reshape(n * m, *c.shape[2:])
+        batch["mask_scores"][i] = iou.reshape(n * m).astype(np.float32)
+        batch["labels"][i] = [lab for lab in labels for _ in range(m)]
+        batch["det_scores"][i] = np.repeat(np.asarray(det_scores, np.float32), m)
+        batch["boxes"][i] = np.repeat(boxes, m, axis=0)
 
     def _pick(self, cand: np.ndarray, iou: np.ndarray) -> np.ndarray:
         """Index of the kept candidate per instance: (N, M, H, W), (N, M) -> (N,) int."""
