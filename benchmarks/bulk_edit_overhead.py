@@ -30,8 +30,8 @@ import psutil  # noqa: E402
 
 from promptpaint.config import STAGES, EditSpec, build_spec  # noqa: E402
 from promptpaint.jobs.bulk_edit import MODEL_STAGES, Chain, StageContext, run_job  # noqa: E402
-from promptpaint.models import build_tiny  # noqa: E402
 from promptpaint.samples import make_samples  # noqa: E402
+from promptpaint.tiny import build_tiny  # noqa: E402
 
 
 def machine_cpu_seconds() -> float:

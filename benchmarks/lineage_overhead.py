@@ -30,8 +30,8 @@ for k, v in {
 
 from promptpaint.config import EditSpec, build_spec  # noqa: E402
 from promptpaint.jobs.bulk_edit import run_job  # noqa: E402
-from promptpaint.models import build_tiny  # noqa: E402
 from promptpaint.samples import make_samples  # noqa: E402
+from promptpaint.tiny import build_tiny  # noqa: E402
 
 
 def main() -> None:

@@ -161,7 +161,7 @@ def models_build_tiny(
     directory: Annotated[Path, typer.Argument(help="folder to write the tiny random-weight models into")],
 ) -> None:
     """Build the tiny random-weight model set (for tests and the offline demo; outputs are noise)."""
-    from promptpaint.models import build_tiny
+    from promptpaint.tiny import build_tiny
 
     for folder in build_tiny(directory):
         typer.echo(f"built {folder}")

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight model set, built once and loaded through the real from_pretrained path."""
-    from promptpaint.models import build_tiny
+    from promptpaint.tiny import build_tiny
 
     folder = tmp_path_factory.mktemp("tiny-models")
     build_tiny(folder)

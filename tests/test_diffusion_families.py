@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from promptpaint import models as M
+from promptpaint import tiny as T
 from promptpaint.actors.common import derive_seed, new_rows
 from promptpaint.actors.generator import Generator
 from promptpaint.actors.inpainter import Inpainter
@@ -32,7 +33,7 @@ H, W = 32, 40  # generation size: multiples of 8, smaller than the tiny models' 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("diffusion-tiny")
-    M.build_tiny(folder, NEW_ENTRIES)
+    T.build_tiny(folder, NEW_ENTRIES)
     return str(folder)
 
 
@@ -63,7 +64,7 @@ def test_new_entries_pin_revisions_and_name_their_pipelines() -> None:
         assert (e.task, e.family, e.pipeline, e.default_resolution) == (task, family, pipeline, side)
         assert hasattr(diffusers, e.pipeline)
         assert e.revision and len(e.revision) == 40 and int(e.revision, 16) >= 0
-        assert family in M._LOADERS and family in M._BUILDERS and family in M._PROBE_FILES
+        assert family in M._LOADERS and family in T._BUILDERS and family in M._PROBE_FILES
     for family in ("sdxl", "sdxl-inpaint"):
         assert "text_encoder_2/config.json" in M._PROBE_FILES[family]
 

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from promptpaint import models as M  # noqa: E402
+from promptpaint import tiny as T  # noqa: E402
 
 CPU = torch.device("cpu")
 QUERIES = ["a car", "a dog"]
@@ -29,7 +30,7 @@ QUERIES = ["a car", "a dog"]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_models")
-    M.build_tiny(root)
+    T.build_tiny(root)
     return root
 
 
@@ -49,7 +50,7 @@ def _image(h: int, w: int, seed: int = 0) -> Image.Image:
 def test_registry_is_consistent() -> None:
     for name, entry in M.MODELS.items():
         assert entry.name == name
-        assert entry.family in M._LOADERS and entry.family in M._BUILDERS
+        assert entry.family in M._LOADERS and entry.family in T._BUILDERS
         # pinned commit, not a branch (ultralytics assets: a release tag of ultralytics/assets)
         assert entry.revision and (len(entry.revision) == 40 or entry.revision == entry.asset_release)
     assert M.MODELS["sd15-inpaint"].default_resolution == 512
@@ -109,7 +110,7 @@ def test_real_checkpoint_loads_at_pinned_revision(name: str) -> None:
 def test_tiny_folders_and_tokenizer(tiny_dir: Path, loaded: dict[str, M.LoadedModel]) -> None:
     assert sorted(p.name for p in tiny_dir.iterdir()) == sorted(M.MODELS)  # no temp dirs left behind
     for name, lm in loaded.items():
-        assert (tiny_dir / name / M.TINY_MARKER).is_file()
+        assert (tiny_dir / name / T.TINY_MARKER).is_file()
         assert lm.source == str(tiny_dir / name) and lm.revision == "local"
     tok = loaded["owlv2"].processor.tokenizer
     # BOS must not be 0 (OWL masks queries starting with id 0); EOS must be the top id (CLIP argmax pooling).
@@ -119,8 +120,8 @@ def test_tiny_folders_and_tokenizer(tiny_dir: Path, loaded: dict[str, M.LoadedMo
 
 
 def test_build_is_deterministic_and_idempotent(tiny_dir: Path, tmp_path: Path) -> None:
-    M.build_tiny(tmp_path)
-    M.build_tiny(tmp_path, ["sam"])  # rebuilding over a tiny folder replaces it
+    T.build_tiny(tmp_path)
+    T.build_tiny(tmp_path, ["sam"])  # rebuilding over a tiny folder replaces it
     files = sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*.safetensors"))
     # every transformers model and every diffusers pipeline component is compared tensor by tensor
     assert {"owlv2", "owlvit", "sam", *(n for n, e in M.MODELS.items() if e.pipeline)} <= {r.parts[0] for r in files}
@@ -134,7 +135,7 @@ def test_build_refuses_to_clobber_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "sam").mkdir()
     (tmp_path / "sam" / "model.safetensors").write_bytes(b"real weights")
     with pytest.raises(FileExistsError):
-        M.build_tiny(tmp_path, ["sam"])
+        T.build_tiny(tmp_path, ["sam"])
     assert (tmp_path / "sam" / "model.safetensors").read_bytes() == b"real weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam"]
 
@@ -147,8 +148,8 @@ def test_owl_detects_through_processor(name: str, loaded: dict[str, M.LoadedMode
     lm = loaded[name]
     images = [_image(120, 200, 0), _image(90, 60, 1)]
     inputs = lm.processor(text=[QUERIES] * 2, images=images, return_tensors="pt")
-    assert inputs["pixel_values"].shape == (2, 3, M.TINY_OWL_IMAGE_SIZE, M.TINY_OWL_IMAGE_SIZE)
-    assert inputs["input_ids"].shape == (4, M.TINY_TEXT_LEN_OWL)  # (batch * queries, text len)
+    assert inputs["pixel_values"].shape == (2, 3, T.TINY_OWL_IMAGE_SIZE, T.TINY_OWL_IMAGE_SIZE)
+    assert inputs["input_ids"].shape == (4, T.TINY_TEXT_LEN_OWL)  # (batch * queries, text len)
     with torch.no_grad():
         out = lm.model(**inputs)
     assert out.logits.shape == (2, 64, 2)  # (batch, patches, queries)

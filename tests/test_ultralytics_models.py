@@ -27,14 +27,13 @@ from promptpaint.actors.segmenter import Segmenter, box_masks
 from promptpaint.config import DetectSpec, RuntimeSpec, SegmentSpec
 from promptpaint.models import (
     MODELS,
-    TINY_ULTRALYTICS_IMGSZ,
     ModelNotAvailable,
-    build_tiny,
     is_available,
     load_model,
     source_label,
     ultralytics_asset_path,
 )
+from promptpaint.tiny import TINY_ULTRALYTICS_IMGSZ, build_tiny
 
 CPU = RuntimeSpec(device="cpu", dtype="float32")
 OMP_AT_IMPORT = os.environ.get("OMP_NUM_THREADS")  # before anything here imported ultralytics
@@ -212,7 +211,7 @@ def test_yolo_world_text_tower_loads_from_a_full_clip_checkpoint(tiny: Path, tmp
     from transformers import CLIPConfig, CLIPModel
 
     from promptpaint.actors.ultralytics_backends import YoloWorldBackend
-    from promptpaint.models import _tiny_text_config, tiny_tokenizer
+    from promptpaint.tiny import _tiny_text_config, tiny_tokenizer
 
     tok = tiny_tokenizer(77)
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}

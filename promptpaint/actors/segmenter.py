@@ -205,7 +205,14 @@ class Segmenter:
         per_row = {i: self.prompts(batch, i) for i in active(batch)}
         rows = [i for i, p in per_row.items() if p]
         # Per-instance columns as the detector left them (``all`` repeats them; a retry must start from these).
-        detected = {i: (list(batch["labels"][i]), batch["det_scores"][i], batch["boxes"][i]) for i in rows}
+        detected = {
+            i: (
+                list(batch["labels"][i]) if "labels" in batch else [],
+                batch["det_scores"][i] if "det_scores" in batch else np.zeros(0, np.float32),
+                batch["boxes"][i],
+            )
+            for i in (rows if self.spec.multimask == "all" else [])
+        }
 
         def segment(idx: list[int]) -> None:
             images = [batch["image"][i] for i in idx]
@@ -239,8 +246,10 @@ class Segmenter:
             c[boxed] &= box_masks(boxes[boxed], *c.shape[-2:])[:, None]
         batch["masks"][i] = c.reshape(n * m, *c.shape[2:])
         batch["mask_scores"][i] = iou.reshape(n * m).astype(np.float32)
-        batch["labels"][i] = [lab for lab in labels for _ in range(m)]
-        batch["det_scores"][i] = np.repeat(np.asarray(det_scores, np.float32), m)
+        if "labels" in batch:
+            batch["labels"][i] = [lab for lab in labels for _ in range(m)]
+        if "det_scores" in batch:
+            batch["det_scores"][i] = np.repeat(np.asarray(det_scores, np.float32), m)
         batch["boxes"][i] = np.repeat(boxes, m, axis=0)
 
     def _pick(self, cand: np.ndarray, iou: np.ndarray) -> np.ndarray:
