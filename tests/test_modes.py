@@ -211,13 +211,7 @@ def test_multi_query_edit_applies_each_prompt_to_its_own_objects(tiny_models: Pa
         },
     )
     rows = {
-        "id": ["img"],
-        "path": ["img.png"],
-        "status": [""],
-        "error_stage": [""],
-        "error_kind": [""],
-        "error_message": [""],
-        "image": [image],
+        **_one_row(image),
         "masks": [masks],
         "labels": [["car", "person"]],
         "det_scores": [np.array([0.9, 0.8], np.float32)],
@@ -248,7 +242,8 @@ def test_multi_query_edit_applies_each_prompt_to_its_own_objects(tiny_models: Pa
     assert np.array_equal(first[masks[0]], edited[masks[0]])
 
 
-def _single(image: np.ndarray, mask: np.ndarray, prompt: str) -> dict:
+def _one_row(image: np.ndarray) -> dict:
+    """A batch of one row, as the reader leaves it."""
     return {
         "id": ["img"],
         "path": ["img.png"],
@@ -257,6 +252,13 @@ def _single(image: np.ndarray, mask: np.ndarray, prompt: str) -> dict:
         "error_kind": [""],
         "error_message": [""],
         "image": [image],
+    }
+
+
+def _single(image: np.ndarray, mask: np.ndarray, prompt: str) -> dict:
+    """One row with one inpaint pass over ``mask`` with ``prompt``."""
+    return {
+        **_one_row(image),
         "blend": [mask.astype(np.float32)],
         "pass_blends": [[mask.astype(np.float32)]],
         "pass_prompts": [[[prompt, InpaintSpec().negative_prompt]]],

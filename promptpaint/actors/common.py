@@ -76,6 +76,19 @@ def new_rows(ids: Sequence[str], paths: Sequence[str]) -> Batch:
     }
 
 
+def load_stage_model(stage: str, name: str, runtime: Any, models_dir: str | None, backends: dict[str, Any]) -> tuple:
+    """Device and dtype from ``runtime``, the registry model ``name`` checked to be a ``stage`` model, and the
+    backend its family registered in ``backends`` -> (device, dtype, LoadedModel, backend)."""
+    from promptpaint.models import load_model
+
+    device, dtype = runtime.resolve()
+    loaded = load_model(name, models_dir, device, dtype, task=stage)
+    family = loaded.entry.family
+    if family not in backends:
+        raise ValueError(f"no {stage} backend for model family {family!r}; known: {sorted(backends)}")
+    return device, dtype, loaded, backends[family](loaded, device, dtype)
+
+
 def derive_seed(spec_seed: int, row_id: str) -> int:
     """Per-image seed from the spec seed and the image id: independent of batch position and worker."""
     digest = hashlib.sha256(f"{spec_seed}:{row_id}".encode()).digest()

@@ -8,11 +8,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
+from promptpaint.actors.common import Batch, active, ensure_column, load_stage_model, run_with_fallback, timed
 from promptpaint.actors.prompts import merge_instances
 from promptpaint.actors.ultralytics_backends import YoloWorldBackend
 from promptpaint.config import DetectSpec, RuntimeSpec
-from promptpaint.models import LoadedModel, load_model, owl_target_size
+from promptpaint.models import LoadedModel, owl_target_size
 
 # (boxes (N, 4) float32 xyxy px of the original image, scores (N,) float32, query index (N,) int64)
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -85,12 +85,9 @@ class Detector:
 
     def __init__(self, spec: DetectSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
-        self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="detect")
-        family = self.loaded.entry.family
-        if family not in DETECT_BACKENDS:
-            raise ValueError(f"no detector backend for model family {family!r}; known: {sorted(DETECT_BACKENDS)}")
-        self.backend = DETECT_BACKENDS[family](self.loaded, self.device, self.dtype)
+        self.device, self.dtype, self.loaded, self.backend = load_stage_model(
+            self.stage, spec.model, runtime, models_dir, DETECT_BACKENDS
+        )
         self.queries = spec.texts
         self.thresholds = np.asarray(spec.thresholds(), np.float32)
 

@@ -14,9 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, set_error, timed
+from promptpaint.actors.common import (
+    Batch,
+    active,
+    ensure_column,
+    load_stage_model,
+    run_with_fallback,
+    set_error,
+    timed,
+)
 from promptpaint.config import QCSpec, RuntimeSpec
-from promptpaint.models import LoadedModel, load_model
+from promptpaint.models import LoadedModel
 
 
 class ScoreBackend(Protocol):
@@ -110,12 +118,9 @@ class Scorer:
 
     def __init__(self, spec: QCSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
-        self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="score")
-        family = self.loaded.entry.family
-        if family not in SCORE_BACKENDS:
-            raise ValueError(f"no scorer backend for model family {family!r}; known: {sorted(SCORE_BACKENDS)}")
-        self.backend = SCORE_BACKENDS[family](self.loaded, self.device, self.dtype)
+        self.device, self.dtype, self.loaded, self.backend = load_stage_model(
+            self.stage, spec.model, runtime, models_dir, SCORE_BACKENDS
+        )
 
     def windows(self, batch: Batch, i: int) -> list[np.ndarray]:
         """The (h, w, 3) uint8 image each pass of row ``i`` is scored on (views, no copies)."""

@@ -9,11 +9,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from promptpaint.actors.common import Batch, active, ensure_column, run_with_fallback, timed
+from promptpaint.actors.common import Batch, active, ensure_column, load_stage_model, run_with_fallback, timed
 from promptpaint.actors.prompts import InstancePrompt, instance_prompts
 from promptpaint.actors.ultralytics_backends import FastSamBackend, UltralyticsSamBackend
 from promptpaint.config import RuntimeSpec, SegmentSpec
-from promptpaint.models import LoadedModel, load_model
+from promptpaint.models import LoadedModel
 
 
 def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -185,12 +185,9 @@ class Segmenter:
 
     def __init__(self, spec: SegmentSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
-        self.device, self.dtype = runtime.resolve()
-        self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="segment")
-        family = self.loaded.entry.family
-        if family not in SEGMENT_BACKENDS:
-            raise ValueError(f"no segmenter backend for model family {family!r}; known: {sorted(SEGMENT_BACKENDS)}")
-        self.backend = SEGMENT_BACKENDS[family](self.loaded, self.device, self.dtype)
+        self.device, self.dtype, self.loaded, self.backend = load_stage_model(
+            self.stage, spec.model, runtime, models_dir, SEGMENT_BACKENDS
+        )
 
     def prompts(self, batch: Batch, i: int) -> list[InstancePrompt]:
         points, labels = batch.get("prompt_points"), batch.get("prompt_labels")
