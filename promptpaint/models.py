@@ -612,6 +612,18 @@ def pipeline_default_resolution(loaded: LoadedModel) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def pipeline_size_multiple(loaded: LoadedModel) -> int:
+    """Side lengths the pipeline's UNet runs cleanly at: VAE scale x 2^(UNet downsamplings), at least 8.
+
+    At other multiples of 8 diffusers pads the UNet's skip connections (``forward_upsample_size``), which
+    works but is not what the checkpoints were trained at. 64 for SD1.5 / SD2 (8 x 2^3), 32 for SDXL
+    (8 x 2^2), 8 for the tiny models (2 x 2^1 = 4, raised to the VAE's own 8-pixel input rule).
+    """
+    pipe = loaded.model
+    downsamplings = len(pipe.unet.config.block_out_channels) - 1
+    return max(8, int(pipe.vae_scale_factor) * 2**downsamplings)
+
+
 def inpaint_default_resolution(loaded: LoadedModel) -> int:
     """Natural square side of an inpaint pipeline (see :func:`pipeline_default_resolution`)."""
     return pipeline_default_resolution(loaded)

@@ -551,6 +551,28 @@ def test_plan_crop_wide_strip_uses_wide_bucket() -> None:
     assert (c.model_h, c.model_w) == (360, 728)  # 512 * sqrt(2) = 724 -> 728, 512 / sqrt(2) = 362 -> 360
     tall = plan_crop(blend.T.copy(), 0.25, 512)  # and the transpose picks the tallest bucket
     assert (tall.model_h, tall.model_w) == (728, 360)
+    # SD's UNet downsamples 3 times after the VAE's 8: sizes in multiples of 64 keep every level whole.
+    c64 = plan_crop(blend, 0.25, 512, multiple=64)
+    assert (c64.model_h, c64.model_w) == (384, 704)  # 362 -> 384, 724 -> 704
+
+
+def test_pipeline_size_multiple_follows_the_unet(tiny_models: Path) -> None:
+    from types import SimpleNamespace
+
+    from promptpaint.models import LoadedModel, get_entry, pipeline_size_multiple
+
+    inp = Inpainter(InpaintSpec(steps=1), CPU, str(tiny_models))
+    assert pipeline_size_multiple(inp.loaded) == inp.multiple == 8  # tiny: VAE 2 x 2^1 = 4, raised to 8
+
+    def real(name: str, blocks: tuple[int, ...]) -> LoadedModel:
+        # The real checkpoints' numbers (VAE scale 8; UNet block_out_channels), without building 2 GB of UNet.
+        pipe = SimpleNamespace(
+            vae_scale_factor=8, unet=SimpleNamespace(config=SimpleNamespace(block_out_channels=blocks))
+        )
+        return LoadedModel(get_entry(name), "x", None, None, pipe)
+
+    assert pipeline_size_multiple(real("sd15-inpaint", (320, 640, 1280, 1280))) == 64
+    assert pipeline_size_multiple(real("sdxl-inpaint", (320, 640, 1280))) == 32
 
 
 def test_paste_keeps_untouched_pixels_bit_exact() -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from promptpaint.actors.common import Batch, active, derive_seed, ensure_column, run_with_fallback, timed
 from promptpaint.config import InpaintSpec, RuntimeSpec
-from promptpaint.models import inpaint_default_resolution, load_model
+from promptpaint.models import inpaint_default_resolution, load_model, pipeline_size_multiple
 from promptpaint.prompting import PromptEncoder
 
 # Crop aspect ratios the model is run at; a crop is squeezed to the nearest so rows batch together.
@@ -36,11 +36,12 @@ class Crop:
     model_w: int
 
 
-def plan_crop(blend: np.ndarray, padding: float, resolution: int) -> Crop:
+def plan_crop(blend: np.ndarray, padding: float, resolution: int, multiple: int = 8) -> Crop:
     """Square-ish padded window around the non-zero blend weights, and its model size.
 
     blend (H, W) float32. The window covers the whole support plus ``padding`` x its longer side on
-    each side, is square where the image allows, and stays inside the image.
+    each side, is square where the image allows, and stays inside the image. The model size keeps the
+    crop's aspect bucket at about ``resolution``^2 pixels, each side a multiple of ``multiple``.
     """
     h, w = blend.shape
     ys, xs = np.nonzero(blend)
@@ -50,8 +51,8 @@ def plan_crop(blend: np.ndarray, padding: float, resolution: int) -> Crop:
     y0 = min(max((by0 + by1 - ch) // 2, 0), h - ch)
     x0 = min(max((bx0 + bx1 - cw) // 2, 0), w - cw)
     aspect = min(ASPECT_BUCKETS, key=lambda a: abs(math.log(a) - math.log(cw / ch)))
-    model_w = max(8, int(round(resolution * math.sqrt(aspect) / 8)) * 8)
-    model_h = max(8, int(round(resolution / math.sqrt(aspect) / 8)) * 8)
+    model_w = max(multiple, int(round(resolution * math.sqrt(aspect) / multiple)) * multiple)
+    model_h = max(multiple, int(round(resolution / math.sqrt(aspect) / multiple)) * multiple)
     return Crop(y0, y0 + ch, x0, x0 + cw, model_h, model_w)
 
 
@@ -100,6 +101,7 @@ class Inpainter:
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="inpaint")
         self.pipe = self.loaded.model
         self.resolution = spec.resolution or inpaint_default_resolution(self.loaded)
+        self.multiple = pipeline_size_multiple(self.loaded)
         self.encode = PromptEncoder(self.pipe, spec.prompt_weighting)  # after the pipeline is on its device
 
     def prompts(self) -> tuple[str, str]:
@@ -168,7 +170,7 @@ class Inpainter:
         with timed(batch, self.stage, rows):
             for k in range(max((len(p) for p in passes.values()), default=0)):
                 todo = [i for i in rows if k < len(passes[i]) and not batch["status"][i]]
-                plans = {i: plan_crop(passes[i][k][0], self.spec.padding, self.resolution) for i in todo}
+                plans = {i: plan_crop(passes[i][k][0], self.spec.padding, self.resolution, self.multiple) for i in todo}
                 groups: dict[tuple[int, int, str, str], list[int]] = {}
                 for i in todo:
                     groups.setdefault((plans[i].model_h, plans[i].model_w, *passes[i][k][1]), []).append(i)
