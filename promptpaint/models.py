@@ -324,16 +324,30 @@ class UltralyticsParts:
 
 
 def import_ultralytics() -> Any:
-    """Import ultralytics without its process-wide side effect: when OMP_NUM_THREADS is unset it sets it to 1 (a
-    training default), which every process started afterwards (Ray workers) would inherit. Our code imports
-    ultralytics only after calling this."""
-    if "ultralytics" in sys.modules:
+    """Import ultralytics without its process-wide side effects. Our code imports ultralytics only after calling this.
+
+    - When OMP_NUM_THREADS is unset it sets it to 1 (a training default), which every process started
+      afterwards (Ray workers) would inherit: removed again.
+    - It replaces ``PIL.Image.open`` with a wrapper that, on the first file Pillow cannot identify, runs
+      ``check_requirements("pi-heif")`` -- a ``pip install`` at job time when online, a ModuleNotFoundError
+      offline -- so every undecodable input of the job would change its error (or the environment):
+      ``PIL.Image.open`` is put back. We hand ultralytics decoded arrays, never files.
+    - ``check_requirements`` auto-installs missing packages: switched off (``AUTOINSTALL``), a worker must not
+      pip-install anything.
+    """
+    if "ultralytics" in sys.modules and getattr(sys.modules["ultralytics"], "_promptpaint_calmed", False):
         return sys.modules["ultralytics"]
     ours = "OMP_NUM_THREADS" not in os.environ
+    import PIL.Image
     import ultralytics
+    import ultralytics.utils.checks as checks
+    import ultralytics.utils.patches as patches
 
     if ours:
         os.environ.pop("OMP_NUM_THREADS", None)
+    PIL.Image.open = patches._image_open  # the original, which ultralytics saved before patching
+    checks.AUTOINSTALL = False
+    ultralytics._promptpaint_calmed = True
     return ultralytics
 
 

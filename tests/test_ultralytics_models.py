@@ -454,3 +454,20 @@ def test_real_fastsam_box_selects_its_square() -> None:
     batch["boxes"] = [np.array([[60, 60, 196, 196]], np.float32)]  # around square A
     mask = seg(batch)["masks"][0][0]
     assert mask[a].mean() > 0.8 and mask[b].mean() < 0.2
+
+
+def test_importing_ultralytics_leaves_pil_and_the_environment_alone(tiny: Path) -> None:
+    # ultralytics patches PIL.Image.open to pip-install a HEIF plugin on the first unidentifiable file; after
+    # our import (the `tiny` fixture built the ultralytics models, so it happened) garbage is still just
+    # undecodable, with Pillow's own error, and nothing gets auto-installed.
+    import PIL.Image
+    import ultralytics.utils.checks as checks
+
+    from promptpaint.io import DecodeError, decode_image
+    from promptpaint.models import import_ultralytics
+
+    import_ultralytics()
+    assert PIL.Image.open.__module__ == "PIL.Image" and checks.AUTOINSTALL is False
+    with pytest.raises(DecodeError) as err:
+        decode_image(b"this is not an image at all" * 10, max_pixels=10**6, formats=["PNG", "JPEG"])
+    assert err.value.kind == "undecodable" and "pi_heif" not in str(err.value)

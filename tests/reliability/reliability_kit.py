@@ -203,6 +203,16 @@ def row_differences(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]]) 
     return dict(diff)
 
 
+def difference_examples(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]], limit: int = 3) -> str:
+    """A few disagreeing (key, column, value a, value b), for assertion messages."""
+    out = []
+    for key in sorted(a.keys() & b.keys(), key=str):
+        for col in sorted(a[key].keys() | b[key].keys()):
+            if a[key].get(col) != b[key].get(col) and len(out) < limit:
+                out.append(f"{key} {col}: {str(a[key].get(col))[:300]!r} != {str(b[key].get(col))[:300]!r}")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 

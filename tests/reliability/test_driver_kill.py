@@ -24,6 +24,7 @@ from reliability_kit import (
     audit,
     cli_args,
     cli_env,
+    difference_examples,
     kill_session,
     manifest_by_id,
     output_files,
@@ -127,4 +128,5 @@ def test_driver_killed_mid_job_then_rerun_equals_uninterrupted_run(tmp_path, tin
     # ...and the rows it kept from the killed run are the rows an uninterrupted run writes.
     ref_rows = manifest_by_id(str(ref), drop=("output_path", "mask_path", "spec.output"))
     kept = manifest_by_id(str(out), drop=("output_path", "mask_path", "spec.output"))
-    assert row_differences({k: kept[k] for k in done_at_kill}, {k: ref_rows[k] for k in done_at_kill}) == {}
+    kept_a, ref_a = {k: kept[k] for k in done_at_kill}, {k: ref_rows[k] for k in done_at_kill}
+    assert row_differences(kept_a, ref_a) == {}, difference_examples(kept_a, ref_a)
