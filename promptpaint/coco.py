@@ -88,6 +88,8 @@ def build(rows: list[dict[str, Any]], mode: str, queries: list[str], input_root:
         rles = r.get("rles") or []
         scores = r.get("mask_scores") or []
         for k, (label, det_score) in enumerate(zip(r["labels"], r["det_scores"], strict=True)):
+            if mode == "detect" and k >= len(boxes):
+                continue  # a points-only sidecar instance has no box, and detect mode has no mask
             ann: dict[str, Any] = {
                 "id": len(annotations) + 1,
                 "image_id": image_id,

@@ -389,3 +389,31 @@ def test_multimask_all_keeps_every_candidate_aligned(tiny_models: Path, corpus: 
     rows = manifest.read_manifest(every.output).to_pylist()
     assert len(data["annotations"]) == sum(len(r["rles"]) for r in rows if r["status"] == "segmented")
     assert result.summary["coco"]["annotations"] == len(data["annotations"]) > 0
+
+
+def test_coco_build_handles_points_only_instances() -> None:
+    # A sidecar image with points and no box: one "prompt" instance without a box. Detect mode has nothing to
+    # export for it; segment mode exports its mask with the mask's own bbox.
+    mask = np.zeros((8, 10), bool)
+    mask[2:5, 3:7] = True
+    row = {
+        "id": "a",
+        "input_path": "/in/a.png",
+        "status": "detected",
+        "width": 10,
+        "height": 8,
+        "boxes": [],
+        "labels": ["prompt"],
+        "det_scores": [1.0],
+    }
+    det = coco.build([row], "detect", ["car"], "/in")
+    assert det["annotations"] == [] and [c["name"] for c in det["categories"]] == ["car", "prompt"]
+    seg = coco.build(
+        [{**row, "status": "segmented", "rles": [coco.encode_rle(mask)], "mask_scores": [0.9]}],
+        "segment",
+        ["car"],
+        "/in",
+    )
+    (ann,) = seg["annotations"]
+    assert ann["bbox"] == [3.0, 2.0, 4.0, 3.0] and ann["area"] == 12 and ann["category_id"] == 2
+    assert seg["images"][0]["file_name"] == "a.png"

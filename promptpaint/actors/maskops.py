@@ -56,7 +56,7 @@ def group_instances(labels: list[str], keep: np.ndarray, prompt_of: dict[str, tu
     order of ``prompt_of`` (the queries' order, sidecar ``prompt`` last). Without ``prompt_of`` (or with
     labels it does not know) everything is one pass with the inpainter's default prompts.
     """
-    if not prompt_of or any(labels[k] not in prompt_of for k in keep):
+    if not prompt_of or len(labels) <= int(np.max(keep)) or any(labels[k] not in prompt_of for k in keep):
         return [(None, keep)]
     order = {pair: n for n, pair in enumerate(dict.fromkeys(prompt_of.values()))}
     groups: dict[tuple[str, str], list[int]] = {}
