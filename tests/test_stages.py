@@ -699,7 +699,13 @@ def test_writer_writes_pngs_with_text_and_truthful_masks(inpainter: Inpainter, t
     assert text["promptpaint:id"] == row_id
     assert text["promptpaint:seed"] == str(derive_seed(0, row_id)) == str(out["seed"][0])
     assert text["promptpaint:spec_hash"] == SPEC_HASH
-    assert text["promptpaint:input_path"] == str(src)
+    # No input path: identical inputs under two paths share this file, so it must not depend on which wrote last.
+    assert "promptpaint:input_path" not in text
+    same_bytes_other_path = {**copy.deepcopy(b), "path": ["elsewhere/copy.png"], "status": [""]}
+    before = img_path.read_bytes()
+    img_path.unlink()
+    again = Writer(str(out_dir), {"promptpaint:spec_hash": SPEC_HASH})(same_bytes_other_path)
+    assert again["status"] == ["edited"] and img_path.read_bytes() == before
 
     written = _decode_png(str(img_path))
     mask = _decode_png(str(msk_path))

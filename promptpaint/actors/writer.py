@@ -131,12 +131,10 @@ class Writer:
         row_id = batch["id"][i]
         alpha = batch["alpha"][i]
         prompts = batch.get("edit_prompts")
-        text = {
-            **self.png_text,
-            "promptpaint:id": row_id,
-            "promptpaint:seed": str(batch["seed"][i]),
-            "promptpaint:input_path": utf8_safe(batch["path"][i]),
-        }
+        # No input path in the file: inputs with identical bytes share an id and so this file, and the path
+        # stamped would be whichever row was written last. The bytes depend on (input bytes, spec) only; the
+        # manifest maps the id to every input path it came from.
+        text = {**self.png_text, "promptpaint:id": row_id, "promptpaint:seed": str(batch["seed"][i])}
         if prompts is not None:
             text["promptpaint:edit_prompts"] = json.dumps(list(prompts[i]))
         folder = "rejected" if batch["status"][i] == "qc_failed" else "images"
