@@ -182,8 +182,12 @@ class JobResult:
 def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
     """Fail before any work if a model cannot be found; returns what will be loaded from where."""
     out = {}
-    names = {"detect": spec.detect.model, "segment": spec.segment.model, "inpaint": spec.inpaint.model}
-    names["score"] = spec.qc.model
+    names = {
+        "detect": spec.detect.model,
+        "segment": spec.segment.model,
+        "inpaint": spec.inpaint.model,
+        "score": spec.qc.model,
+    }
     for stage in (s for s in spec.stages() if s in MODEL_STAGES):
         name = names[stage]
         entry = check_task(name, stage)
@@ -282,7 +286,9 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 def _local_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
     chain = Chain(spec, with_prompts(spec, spec.stages()), ctx)
-    for chunk in _chunks(paths, spec.runtime.batch("inpaint")):
+    # The smallest model batch of the mode, as the fused Ray actor uses: same batches, same bytes.
+    size = min(spec.runtime.batch(s) for s in spec.stages() if s in MODEL_STAGES)
+    for chunk in _chunks(paths, size):
         yield chain({"path": chunk})
 
 
