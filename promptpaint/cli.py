@@ -62,13 +62,18 @@ def run(
             paths = expand_input(edit.input)
         except FileNotFoundError as e:
             raise _fail(str(e), EXIT_INVALID) from None
-        typer.echo(describe_plan(edit, paths, len(manifest.done_ids(edit.output))))
+        try:
+            typer.echo(describe_plan(edit, paths, len(manifest.done_ids(edit.output))))
+        except SpecError as e:
+            raise _fail(str(e), EXIT_INVALID) from None
         return
     try:
         result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
     except FileNotFoundError as e:
         raise _fail(f"input: {e}", EXIT_INVALID) from None
-    except (ModelNotAvailable, LineageUnavailable, SpecError, ValueError) as e:
+    except SpecError as e:  # found once the job looked at the spec more closely (e.g. a model of the wrong task)
+        raise _fail(str(e), EXIT_INVALID) from None
+    except (ModelNotAvailable, LineageUnavailable, ValueError) as e:
         raise _fail(str(e), EXIT_FAILED) from None
     except Exception as e:  # noqa: BLE001 - a failed job is exit 1 with the reason, never a bare traceback
         raise _fail(f"job failed: {type(e).__name__}: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from e

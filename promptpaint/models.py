@@ -529,12 +529,16 @@ def _cached_commit(hub_id: str, filename: str, revision: str | None) -> str | No
 TASKS = ("detect", "segment", "inpaint", "generate", "score")
 
 
-def check_task(name: str, task: str) -> ModelEntry:
-    """The entry for ``name``; ValueError when it is not a ``task`` model (e.g. a detector given to segment)."""
+def check_task(name: str, task: str, field: str | None = None) -> ModelEntry:
+    """The entry for ``name``; ValueError when it is not a ``task`` model (e.g. a detector given to segment).
+
+    ``field`` names the spec key in the message (default ``<task>.model``).
+    """
     entry = get_entry(name)
     if entry.task != task:
         raise ValueError(
-            f"{task}.model={name!r} is a {entry.task} model; pick a {task} model (see `promptpaint models list`)"
+            f"{field or task + '.model'}={name!r} is a {entry.task} model; pick a {task} model "
+            "(see `promptpaint models list`)"
         )
     return entry
 

@@ -96,12 +96,21 @@ def test_run_on_local_ray_started_for_the_user(spec_file: Path):
         ("inpaint.steps=-3", "inpaint.steps"),
         ("runtime.batch_size={foo: 2}", "unknown stage"),
         ("nokey", "--set expects key.path=value"),
+        ("segment.model=owlv2", "segment.model='owlv2' is a detect model"),
+        ("detect.model=nope", "detect.model: unknown model 'nope'"),
     ],
 )
 def test_invalid_spec_exits_2_and_names_the_field(spec_file: Path, override: str, needle: str):
     res = cli("run", str(spec_file), "--set", override)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert needle in res.stderr
+    dry = cli("run", str(spec_file), "--set", override, "--dry-run")  # the plan checks the same things
+    assert dry.returncode == 2 and needle in dry.stderr, (dry.stdout, dry.stderr)
+
+
+def test_qc_model_of_the_wrong_task_names_the_qc_key(spec_file: Path):
+    res = cli("run", str(spec_file), "--set", "qc.enabled=true", "--set", "qc.model=sam")
+    assert res.returncode == 2 and "qc.model='sam' is a segment model" in res.stderr, res.stderr
 
 
 def test_missing_spec_and_missing_input_exit_2(tmp_path: Path, spec_file: Path):

@@ -31,10 +31,10 @@ from promptpaint.actors.reader import Reader
 from promptpaint.actors.scorer import Scorer
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
-from promptpaint.config import EditSpec
+from promptpaint.config import EditSpec, SpecError
 from promptpaint.io import expand_input, remove_temp_files
 from promptpaint.lineage import Lineage, job_name, running_stats
-from promptpaint.models import ModelNotAvailable, check_task, is_available, resolve_source, source_label
+from promptpaint.models import ModelNotAvailable, check_task, get_entry, is_available, resolve_source, source_label
 
 MODEL_STAGES = ("detect", "segment", "inpaint", "score")
 
@@ -179,18 +179,30 @@ class JobResult:
         return self.summary["images_per_second"]
 
 
+MODEL_FIELDS = {"detect": "detect.model", "segment": "segment.model", "inpaint": "inpaint.model", "score": "qc.model"}
+
+
+def model_names(spec: EditSpec) -> dict[str, str]:
+    """Stage -> registry name of its model, for the stages this mode runs; SpecError (exit 2) for a name
+    that is unknown or of the wrong task, naming the spec key."""
+    names = {"detect": spec.detect.model, "segment": spec.segment.model, "inpaint": spec.inpaint.model}
+    names["score"] = spec.qc.model
+    out = {}
+    for stage in (s for s in spec.stages() if s in MODEL_STAGES):
+        try:
+            check_task(names[stage], stage, MODEL_FIELDS[stage])
+        except ValueError as e:
+            msg = str(e) if "=" in str(e).split(" ", 1)[0] else f"{MODEL_FIELDS[stage]}: {e}"
+            raise SpecError(f"invalid spec: {msg}") from None
+        out[stage] = names[stage]
+    return out
+
+
 def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
     """Fail before any work if a model cannot be found; returns what will be loaded from where."""
     out = {}
-    names = {
-        "detect": spec.detect.model,
-        "segment": spec.segment.model,
-        "inpaint": spec.inpaint.model,
-        "score": spec.qc.model,
-    }
-    for stage in (s for s in spec.stages() if s in MODEL_STAGES):
-        name = names[stage]
-        entry = check_task(name, stage)
+    for stage, name in model_names(spec).items():
+        entry = get_entry(name)
         source, local = resolve_source(name, spec.models_dir)
         if not is_available(name, spec.models_dir):
             raise ModelNotAvailable(
@@ -348,6 +360,7 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
 def describe_plan(spec: EditSpec, paths: list[str], done: int) -> str:
     from promptpaint.jobs.ray_runtime import local_cpus
 
+    model_names(spec)  # a wrong model name fails the dry run as it would fail the job
     device = spec.runtime.resolve()[0].type if spec.runtime.device != "auto" else "auto"
     groups = plan_groups(spec, "cpu" if device in ("auto", "cpu") else device, local_cpus())
     lines = [
