@@ -228,6 +228,15 @@ class GenerateSpec(_Section):
         return v
 
 
+def default_prompt_pair(inpaint: InpaintSpec, mode: str, queries: list[str] | tuple[str, ...]) -> tuple[str, str]:
+    """(prompt, negative prompt) of an inpaint pass without a query prompt of its own: ``inpaint.prompt`` and
+    ``inpaint.negative_prompt``; in remove mode ``inpaint.remove_prompt`` with the queries appended to the
+    negative prompt (paint background, not the objects)."""
+    if mode == "remove":
+        return inpaint.remove_prompt, ", ".join([inpaint.negative_prompt, *queries]).strip(", ")
+    return inpaint.prompt, inpaint.negative_prompt
+
+
 class QCSpec(_Section):
     enabled: bool = Field(False, description="run the CLIP scorer after inpainting (edit/remove modes)")
     model: str = Field("clip", description="score model from the registry (`promptpaint models list`, task score)")
@@ -367,10 +376,9 @@ class EditSpec(_Section):
         ``inpaint.remove_prompt`` with the queries appended to the negative prompt.
         """
         inp = self.inpaint
+        default = default_prompt_pair(inp, self.mode, self.detect.texts)
         if self.mode == "remove":
-            negative = ", ".join([inp.negative_prompt, *self.detect.texts]).strip(", ")
-            pair = (inp.remove_prompt, negative)
-            return {**{t: pair for t in self.detect.texts}, "prompt": pair}
+            return {**{t: default for t in self.detect.texts}, "prompt": default}
         out = {
             q.text: (
                 inp.prompt if q.prompt is None else q.prompt,
@@ -378,7 +386,7 @@ class EditSpec(_Section):
             )
             for q in self.detect.queries
         }
-        out.setdefault("prompt", (inp.prompt, inp.negative_prompt))
+        out.setdefault("prompt", default)
         return out
 
     def stages(self) -> list[str]:

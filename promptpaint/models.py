@@ -38,7 +38,6 @@ __all__ = [
     "UltralyticsParts",
     "get_entry",
     "import_ultralytics",
-    "inpaint_default_resolution",
     "is_available",
     "load_model",
     "owl_target_size",
@@ -640,8 +639,3 @@ def pipeline_size_multiple(loaded: LoadedModel) -> int:
     pipe = loaded.model
     downsamplings = len(pipe.unet.config.block_out_channels) - 1
     return max(8, int(pipe.vae_scale_factor) * 2**downsamplings)
-
-
-def inpaint_default_resolution(loaded: LoadedModel) -> int:
-    """Natural square side of an inpaint pipeline (see :func:`pipeline_default_resolution`)."""
-    return pipeline_default_resolution(loaded)

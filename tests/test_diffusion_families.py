@@ -105,7 +105,7 @@ def test_inpainter_runs_unchanged_with(name: str, models_dir: str) -> None:
     dilated, blend = dilate_and_feather(mask, 2, 3)
     # resolution 32 keeps the test fast; the default would be the model's own side (tiny: UNet 32 x VAE 2)
     inpainter = Inpainter(InpaintSpec(model=name, steps=2, seed=0, resolution=32), CPU, models_dir)
-    assert M.inpaint_default_resolution(inpainter.loaded) == 64 and inpainter.resolution == 32
+    assert M.pipeline_default_resolution(inpainter.loaded) == 64 and inpainter.resolution == 32
 
     batch = new_rows(["a", "b"], ["mem/a.png", "mem/b.png"])
     batch["image"] = [image.copy(), image.copy()]

@@ -203,7 +203,7 @@ def test_sam_batch_of_two_images(loaded: dict[str, M.LoadedModel]) -> None:
 
 def test_sd_inpaint_batch_is_seeded(loaded: dict[str, M.LoadedModel]) -> None:
     lm = loaded["sd15-inpaint"]
-    side = M.inpaint_default_resolution(lm)
+    side = M.pipeline_default_resolution(lm)
     assert side == 64
     mask = np.zeros((side, side), np.uint8)
     mask[16:48, 16:48] = 255

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from promptpaint.actors.common import Batch, active, derive_seed, ensure_column, run_with_fallback, timed
-from promptpaint.config import InpaintSpec, RuntimeSpec
-from promptpaint.models import inpaint_default_resolution, load_model, pipeline_size_multiple
+from promptpaint.config import InpaintSpec, RuntimeSpec, default_prompt_pair
+from promptpaint.models import load_model, pipeline_default_resolution, pipeline_size_multiple
 from promptpaint.prompting import PromptEncoder
 
 # Crop aspect ratios the model is run at; a crop is squeezed to the nearest so rows batch together.
@@ -100,16 +100,13 @@ class Inpainter:
         self.device, self.dtype = runtime.resolve()
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="inpaint")
         self.pipe = self.loaded.model
-        self.resolution = spec.resolution or inpaint_default_resolution(self.loaded)
+        self.resolution = spec.resolution or pipeline_default_resolution(self.loaded)
         self.multiple = pipeline_size_multiple(self.loaded)
         self.encode = PromptEncoder(self.pipe, spec.prompt_weighting)  # after the pipeline is on its device
 
     def prompts(self) -> tuple[str, str]:
         """Default (prompt, negative prompt); ``remove`` paints background and negates the objects."""
-        if self.mode == "remove":
-            negative = ", ".join([self.spec.negative_prompt, *self.queries]).strip(", ")
-            return self.spec.remove_prompt, negative
-        return self.spec.prompt, self.spec.negative_prompt
+        return default_prompt_pair(self.spec, self.mode, self.queries)
 
     def passes(self, batch: Batch, i: int) -> list[tuple[np.ndarray, tuple[str, str]]]:
         """Row ``i``'s inpaint passes: (blend (H, W) float32, (prompt, negative prompt)) each."""
@@ -169,10 +166,10 @@ class Inpainter:
 
         with timed(batch, self.stage, rows):
             for k in range(max((len(p) for p in passes.values()), default=0)):
-                todo = [i for i in rows if k < len(passes[i]) and not batch["status"][i]]
-                plans = {i: plan_crop(passes[i][k][0], self.spec.padding, self.resolution, self.multiple) for i in todo}
+                due = [i for i in rows if k < len(passes[i]) and not batch["status"][i]]  # rows with a k-th pass
+                plans = {i: plan_crop(passes[i][k][0], self.spec.padding, self.resolution, self.multiple) for i in due}
                 groups: dict[tuple[int, int, str, str], list[int]] = {}
-                for i in todo:
+                for i in due:
                     groups.setdefault((plans[i].model_h, plans[i].model_w, *passes[i][k][1]), []).append(i)
                 for (_, _, *pair), idx in groups.items():
                     run_with_fallback(

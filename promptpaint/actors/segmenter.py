@@ -216,16 +216,17 @@ class Segmenter:
             per_image = [per_row[i] for i in idx]
             results = self.backend(images, per_image, self.spec.multimask != "single")
             for r, (i, (c, s)) in enumerate(zip(idx, results, strict=True)):
+                boxed = [j for j, p in enumerate(per_image[r]) if p.box is not None]
+                if self.spec.multimask == "all":
+                    self._keep_all(batch, i, c, s, boxed, detected[i])
+                    continue
                 n = len(c)
                 pick = self._pick(c, s)
                 masks[i] = c[np.arange(n), pick]
-                boxed = [j for j, p in enumerate(per_image[r]) if p.box is not None]
                 if self.spec.clip_to_box and boxed:
                     boxes = np.stack([per_image[r][j].box for j in boxed])
                     masks[i][boxed] &= box_masks(boxes, *c.shape[-2:])
                 mscores[i] = s[np.arange(n), pick].astype(np.float32)
-                if self.spec.multimask == "all":
-                    self._keep_all(batch, i, c, s, boxed, detected[i])
 
         with timed(batch, self.stage, rows):
             run_with_fallback(batch, rows, self.stage, segment)

@@ -190,10 +190,13 @@ def model_names(spec: EditSpec) -> dict[str, str]:
     out = {}
     for stage in (s for s in spec.stages() if s in MODEL_STAGES):
         try:
+            get_entry(names[stage])
+        except ValueError as e:  # unknown name
+            raise SpecError(f"invalid spec: {MODEL_FIELDS[stage]}: {e}") from None
+        try:
             check_task(names[stage], stage, MODEL_FIELDS[stage])
-        except ValueError as e:
-            msg = str(e) if "=" in str(e).split(" ", 1)[0] else f"{MODEL_FIELDS[stage]}: {e}"
-            raise SpecError(f"invalid spec: {msg}") from None
+        except ValueError as e:  # a model of another task; the message names the key
+            raise SpecError(f"invalid spec: {e}") from None
         out[stage] = names[stage]
     return out
 
