@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-$(MODELS)/.built: $(VENV)/.installed promptpaint/models.py
+$(MODELS)/.built: $(VENV)/.installed $(wildcard promptpaint/models/*.py) promptpaint/tiny.py
 	$(VENV)/bin/promptpaint models build-tiny $(MODELS)
 	touch $@
 

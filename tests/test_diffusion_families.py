@@ -64,9 +64,9 @@ def test_new_entries_pin_revisions_and_name_their_pipelines() -> None:
         assert (e.task, e.family, e.pipeline, e.default_resolution) == (task, family, pipeline, side)
         assert hasattr(diffusers, e.pipeline)
         assert e.revision and len(e.revision) == 40 and int(e.revision, 16) >= 0
-        assert family in M._LOADERS and family in T._BUILDERS and family in M._PROBE_FILES
+        assert family in M.FAMILIES
     for family in ("sdxl", "sdxl-inpaint"):
-        assert "text_encoder_2/config.json" in M._PROBE_FILES[family]
+        assert "text_encoder_2/config.json" in M.FAMILIES[family].probe_files
 
 
 def test_tiny_architectures_match_their_families(models_dir: str) -> None:

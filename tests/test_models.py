@@ -50,7 +50,7 @@ def _image(h: int, w: int, seed: int = 0) -> Image.Image:
 def test_registry_is_consistent() -> None:
     for name, entry in M.MODELS.items():
         assert entry.name == name
-        assert entry.family in M._LOADERS and entry.family in T._BUILDERS
+        assert entry.family in M.FAMILIES
         # pinned commit, not a branch (ultralytics assets: a release tag of ultralytics/assets)
         assert entry.revision and (len(entry.revision) == 40 or entry.revision == entry.asset_release)
     assert M.MODELS["sd15-inpaint"].default_resolution == 512

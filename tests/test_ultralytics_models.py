@@ -210,13 +210,13 @@ def test_yolo_world_text_tower_loads_from_a_full_clip_checkpoint(tiny: Path, tmp
     and give CLIP's own text features (what ultralytics' clip:ViT-B/32 encode_text computes), normalised."""
     from transformers import CLIPConfig, CLIPModel
 
-    from promptpaint.actors.ultralytics_backends import YoloWorldBackend
-    from promptpaint.tiny import _tiny_text_config, tiny_tokenizer
+    from promptpaint.models.tiny import tiny_text_config, tiny_tokenizer
+    from promptpaint.models.yolo_world import YoloWorldBackend
 
     tok = tiny_tokenizer(77)
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
     config = CLIPConfig(
-        text_config={**_tiny_text_config(tok, 77), "eos_token_id": 2},  # the real config's legacy EOS id
+        text_config={**tiny_text_config(tok, 77), "eos_token_id": 2},  # the real config's legacy EOS id
         vision_config={**vision, "image_size": 32, "patch_size": 16},
         projection_dim=512,
     )

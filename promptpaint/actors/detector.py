@@ -1,68 +1,14 @@
-"""Text queries -> boxes with an open-vocabulary detector (OWLv2 / OWL-ViT; more families register a backend)."""
+"""Text queries -> boxes with an open-vocabulary detector (the model family supplies the backend)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, load_stage_model, run_with_fallback, timed
 from promptpaint.actors.prompts import merge_instances
-from promptpaint.actors.ultralytics_backends import YoloWorldBackend
 from promptpaint.config import DetectSpec, RuntimeSpec
-from promptpaint.models import LoadedModel, owl_target_size
-
-# (boxes (N, 4) float32 xyxy px of the original image, scores (N,) float32, query index (N,) int64)
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-class DetectBackend(Protocol):
-    """One model family's detector: images x queries -> raw detections at or above ``threshold``."""
-
-    def __call__(self, images: list[np.ndarray], queries: list[str], threshold: float) -> list[Detections]: ...
-
-
-class OwlBackend:
-    """OWLv2 / OWL-ViT through their transformers processor (one padded batch of images x queries)."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
-        self.processor, self.model, self.family = loaded.processor, loaded.model, loaded.entry.family
-        self.device, self.dtype = device, dtype
-
-    def __call__(self, images: list[np.ndarray], queries: list[str], threshold: float) -> list[Detections]:
-        inputs = self.processor(text=[queries] * len(images), images=images, return_tensors="pt")
-        inputs = {k: self._to_device(v) for k, v in inputs.items()}
-        outputs = self.model(**inputs)
-        # Back to pixel boxes of the original image (OWLv2 pads to a square first).
-        sizes = [owl_target_size(im.shape[0], im.shape[1], self.family) for im in images]
-        results = self.processor.post_process_grounded_object_detection(
-            outputs=outputs, threshold=threshold, target_sizes=sizes
-        )
-        return [
-            (
-                r["boxes"].float().cpu().numpy().astype(np.float32).reshape(-1, 4),
-                r["scores"].float().cpu().numpy().astype(np.float32).reshape(-1),
-                r["labels"].cpu().numpy().astype(np.int64).reshape(-1),
-            )
-            for r in results
-        ]
-
-    def _to_device(self, v: Any) -> Any:
-        if not isinstance(v, torch.Tensor):
-            return v
-        if v.is_floating_point():
-            return v.to(self.device, self.dtype)
-        return v.to(self.device)
-
-
-# family -> backend constructor (loaded model, device, dtype). A new detector family registers here.
-DETECT_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], DetectBackend]] = {
-    "owlv2": OwlBackend,
-    "owlvit": OwlBackend,
-    "yolo-world": YoloWorldBackend,
-}
+from promptpaint.models.base import Detections
 
 
 class Detector:
@@ -86,7 +32,7 @@ class Detector:
     def __init__(self, spec: DetectSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
         self.device, self.dtype, self.loaded, self.backend = load_stage_model(
-            self.stage, spec.model, runtime, models_dir, DETECT_BACKENDS
+            self.stage, spec.model, runtime, models_dir
         )
         self.queries = spec.texts
         self.thresholds = np.asarray(spec.thresholds(), np.float32)

@@ -7,12 +7,10 @@ here every pass keeps its own score (a batch of one in torchmetrics' terms).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from promptpaint.actors.common import (
     Batch,
@@ -24,62 +22,6 @@ from promptpaint.actors.common import (
     timed,
 )
 from promptpaint.config import QCSpec, RuntimeSpec
-from promptpaint.models import LoadedModel
-
-
-class ScoreBackend(Protocol):
-    """One model family's image-text scorer."""
-
-    def __call__(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
-        """images[k] (h, w, 3) uint8 against texts[k] -> (len(images),) float32 scores in [0, 100]."""
-        ...
-
-
-def _embeds(out: Any) -> torch.Tensor:
-    """Projected features from ``get_*_features``: a tensor in transformers 4, ``.pooler_output`` in 5."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-class ClipBackend:
-    """CLIP through transformers: every image and every distinct text of a call in one forward pass."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
-        self.processor, self.model = loaded.processor, loaded.model
-        self.device, self.dtype = device, dtype
-        # Longer prompts are cut to the text tower's positions (77 for CLIP), as torchmetrics does.
-        self.max_length = min(
-            int(self.processor.tokenizer.model_max_length),
-            int(self.model.config.text_config.max_position_embeddings),
-        )
-
-    def __call__(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(images)} images and {len(texts)} texts; pass one text per image")
-        if not images:
-            return np.zeros((0,), np.float32)
-        unique = list(dict.fromkeys(texts))  # prompts repeat across rows: encode each once
-        which = torch.tensor([unique.index(t) for t in texts], device=self.device)
-        # The processor resizes each window's shorter side to the model size and centre-crops a square.
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        tokens = self.processor.tokenizer(
-            unique, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        out = self.model(
-            input_ids=tokens["input_ids"].to(self.device),
-            attention_mask=tokens["attention_mask"].to(self.device),
-            pixel_values=pixels.to(self.device, self.dtype),
-        )
-        # image_embeds / text_embeds are the projected features; cosine in fp32 whatever the model dtype.
-        img = F.normalize(out.image_embeds.float(), dim=-1)
-        txt = F.normalize(out.text_embeds.float(), dim=-1)
-        cos = (img * txt[which]).sum(-1)
-        return (100.0 * cos).clamp_min(0.0).cpu().numpy().astype(np.float32)
-
-
-# family -> backend constructor (loaded model, device, dtype). A new scorer family registers here.
-SCORE_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], ScoreBackend]] = {
-    "clip": ClipBackend,
-}
 
 
 def check_row(edited: Any, crops: Any, prompts: Any) -> str | None:
@@ -119,7 +61,7 @@ class Scorer:
     def __init__(self, spec: QCSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
         self.device, self.dtype, self.loaded, self.backend = load_stage_model(
-            self.stage, spec.model, runtime, models_dir, SCORE_BACKENDS
+            self.stage, spec.model, runtime, models_dir
         )
 
     def windows(self, batch: Batch, i: int) -> list[np.ndarray]:

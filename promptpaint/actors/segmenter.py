@@ -1,19 +1,13 @@
-"""Boxes and points -> instance masks with SAM."""
+"""Boxes and points -> instance masks with a prompted segmenter (SAM, MobileSAM, FastSAM)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from promptpaint.actors.common import Batch, active, ensure_column, load_stage_model, run_with_fallback, timed
 from promptpaint.actors.prompts import InstancePrompt, instance_prompts
-from promptpaint.actors.ultralytics_backends import FastSamBackend, UltralyticsSamBackend
 from promptpaint.config import RuntimeSpec, SegmentSpec
-from promptpaint.models import LoadedModel
 
 
 def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -22,145 +16,6 @@ def box_masks(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64)):
         out[k, int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
     return out
-
-
-@dataclass
-class SamCall:
-    """One SAM prompt-decoder call: the instances of one prompt kind across a batch of images.
-
-    ``rows`` index the images of the batch that take part; ``instances[b]`` lists, for ``rows[b]``, which
-    of that image's instances fill the first ``len(instances[b])`` slots (the remaining slots repeat the
-    first instance and are dropped). Arrays are in original-image pixels:
-    input_boxes (B, N, 4) float32 or None, input_points (B, N, P, 2) float32 and input_labels (B, N, P)
-    int64, or None when the kind has no points.
-    """
-
-    has_box: bool
-    n_points: int
-    rows: list[int]
-    instances: list[list[int]]
-    input_boxes: np.ndarray | None
-    input_points: np.ndarray | None
-    input_labels: np.ndarray | None
-
-
-def build_sam_prompts(per_image: list[list[InstancePrompt]]) -> list[SamCall]:
-    """Per-image instance prompts -> SAM calls, one per prompt kind (has a box, number of points).
-
-    SAM's prompt encoder takes ``input_boxes`` for every instance of a call or for none, and its
-    decoder has no attention mask: a padding point (label -10, what ``SamProcessor`` pads ragged point
-    lists with) still enters the decoder as a zero token and shifts the masks. So instead of padding,
-    instances are grouped by kind; inside a call only the instance count differs between images, padded
-    with copies of the image's first instance (a copy of a prompt is an independent, identical query).
-    A batch with detector boxes only is one call, exactly the box-only call SAM always got.
-    """
-    groups: dict[tuple[bool, int], dict[int, list[int]]] = {}
-    for r, prompts in enumerate(per_image):
-        for j, p in enumerate(prompts):
-            groups.setdefault(p.kind, {}).setdefault(r, []).append(j)
-    calls = []
-    for (has_box, n_points), by_row in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
-        rows = sorted(by_row)
-        n_max = max(len(v) for v in by_row.values())
-        boxes, points, labels = [], [], []
-        for r in rows:
-            js = by_row[r]
-            slots = [per_image[r][j] for j in js] + [per_image[r][js[0]]] * (n_max - len(js))
-            if has_box:
-                boxes.append(np.stack([p.box for p in slots]).astype(np.float32))
-            if n_points:
-                points.append(np.stack([p.points for p in slots]).astype(np.float32))
-                labels.append(np.stack([p.labels for p in slots]).astype(np.int64))
-        calls.append(
-            SamCall(
-                has_box=has_box,
-                n_points=n_points,
-                rows=rows,
-                instances=[by_row[r] for r in rows],
-                input_boxes=np.stack(boxes) if has_box else None,
-                input_points=np.stack(points) if n_points else None,
-                input_labels=np.stack(labels) if n_points else None,
-            )
-        )
-    return calls
-
-
-def to_model_coords(xy: np.ndarray, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> np.ndarray:
-    """Pixel x/y pairs (..., 2k) of an (h, w) image -> SAM's resized frame, as ``SamProcessor`` scales them."""
-    (old_h, old_w), (new_h, new_w) = original_size, reshaped_size
-    out = np.asarray(xy, np.float64).copy()
-    out[..., 0::2] *= new_w / old_w
-    out[..., 1::2] *= new_h / old_h
-    return out
-
-
-# Per image: candidate masks (I, M, H, W) bool at the original size and their scores (I, M) float32,
-# one row per instance prompt (in order), M candidates each (M = 1 when one mask is asked for).
-Candidates = tuple[np.ndarray, np.ndarray]
-
-
-class SegmentBackend(Protocol):
-    """One model family's prompted segmenter."""
-
-    def __call__(
-        self, images: list[np.ndarray], per_image: list[list[InstancePrompt]], multimask: bool
-    ) -> list[Candidates]: ...
-
-
-class SamBackend:
-    """SAM through transformers: the image encoder once per image, one decoder call per prompt kind."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
-        self.processor, self.model = loaded.processor, loaded.model
-        self.device, self.dtype = device, dtype
-
-    def __call__(
-        self, images: list[np.ndarray], per_image: list[list[InstancePrompt]], multimask: bool
-    ) -> list[Candidates]:
-        inputs = self.processor(images=images, return_tensors="pt")
-        orig = inputs["original_sizes"]
-        resized = inputs["reshaped_input_sizes"]
-        embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
-        cand: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M, H, W) per instance
-        ious: list[list[np.ndarray]] = [[None] * len(p) for p in per_image]  # (M,) per instance
-        for call in build_sam_prompts(per_image):
-            sel = call.rows
-            kwargs = {}
-            if call.input_boxes is not None:
-                kwargs["input_boxes"] = self._coords(call.input_boxes, orig, resized, sel)
-            if call.input_points is not None:
-                kwargs["input_points"] = self._coords(call.input_points, orig, resized, sel)
-                kwargs["input_labels"] = torch.from_numpy(call.input_labels).to(self.device)
-            emb = embeddings if len(sel) == len(images) else embeddings[sel]
-            out = self.model(image_embeddings=emb, multimask_output=multimask, **kwargs)
-            # (B, N, M, h, w) low-res logits -> list of (N, M, H, W) bool at the original size
-            full = self.processor.image_processor.post_process_masks(
-                out.pred_masks.float().cpu(), orig[sel], resized[sel]
-            )
-            iou = out.iou_scores.float().cpu().numpy()
-            for b, (r, js) in enumerate(zip(sel, call.instances, strict=True)):
-                m = full[b].numpy().astype(bool)
-                for n, j in enumerate(js):
-                    cand[r][j], ious[r][j] = m[n], iou[b, n]
-        return [(np.stack(c), np.stack(s).astype(np.float32)) for c, s in zip(cand, ious, strict=True)]
-
-    def _coords(self, xy: np.ndarray, orig: torch.Tensor, resized: torch.Tensor, sel: list[int]) -> torch.Tensor:
-        """(B, ..., 2k) pixel coordinates of the images ``sel`` -> SAM-frame tensor on the model's device."""
-        scaled = np.stack(
-            [
-                to_model_coords(x, tuple(orig[r].tolist()), tuple(resized[r].tolist()))
-                for x, r in zip(xy, sel, strict=True)
-            ]
-        )
-        return torch.from_numpy(scaled).to(self.device, self.dtype)
-
-
-# family -> backend constructor (loaded model, device, dtype). A new segmenter family registers here.
-SEGMENT_BACKENDS: dict[str, Callable[[LoadedModel, torch.device, torch.dtype], SegmentBackend]] = {
-    "sam": SamBackend,
-    "ultralytics-sam": UltralyticsSamBackend,
-    "fastsam": FastSamBackend,
-}
 
 
 class Segmenter:
@@ -186,7 +41,7 @@ class Segmenter:
     def __init__(self, spec: SegmentSpec, runtime: RuntimeSpec, models_dir: str | None = None):
         self.spec = spec
         self.device, self.dtype, self.loaded, self.backend = load_stage_model(
-            self.stage, spec.model, runtime, models_dir, SEGMENT_BACKENDS
+            self.stage, spec.model, runtime, models_dir
         )
 
     def prompts(self, batch: Batch, i: int) -> list[InstancePrompt]:

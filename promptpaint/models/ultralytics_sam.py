@@ -1,127 +1,39 @@
-"""Stage backends for the ultralytics families: YOLO-World (detect), MobileSAM and FastSAM (segment).
+"""MobileSAM and FastSAM: prompted segmentation through ultralytics' own predictors.
 
-Each runs through ultralytics' own predictor, so letterboxing, NMS and the mapping of boxes and masks back to
-the original image are ultralytics'. Registered in ``DETECT_BACKENDS`` / ``SEGMENT_BACKENDS``.
-
-Channel order: our rows are RGB; ultralytics takes numpy images as OpenCV BGR (``LoadPilAndNumpy`` keeps an
-array as given, then ``BasePredictor.preprocess`` and the SAM ``Predictor.preprocess`` flip BGR -> RGB), so every
-backend hands over ``rgb[..., ::-1]``. Checked in tests/test_ultralytics_models.py on the tensor the predictor
-actually feeds the network: a pure-red input arrives with channel 0 = 1.0 and channel 2 = 0.0.
-
-Precision: fp16 runtime -> ultralytics ``quantize=16`` (its replacement for ``half=True``); anything else runs
-fp32 (ultralytics has no bf16 predict path, and on CPU it always runs fp32).
+MobileSAM is SAM with a small encoder: prompts shape the masks. FastSAM segments everything first and prompts
+only select among those masks; both hand back the same candidates, so the Segmenter treats them alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from promptpaint.actors.prompts import InstancePrompt
-from promptpaint.models import LoadedModel, UltralyticsParts
+from promptpaint.models.base import Candidates, Family, LoadedModel
+from promptpaint.models.registry import ModelEntry
+from promptpaint.models.tiny import SaveAs
+from promptpaint.models.ultralytics import (
+    UltralyticsParts,
+    bgr,
+    import_ultralytics,
+    predict_args,
+    tiny_predict_settings,
+    tiny_yolo_init,
+    torch_threads_kept,
+    ultralytics_loader,
+)
 
-# (boxes (N, 4) float32 xyxy px of the original image, scores (N,) float32, query index (N,) int64)
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
-# candidate masks (I, M, H, W) bool at the original size, scores (I, M) float32
-Candidates = tuple[np.ndarray, np.ndarray]
+IMGSZ = 1024  # both letterbox to the side the real checkpoints were trained at
 
 # FastSAM everything-mode thresholds: the values of ultralytics' FastSAM documentation.
 FASTSAM_CONF = 0.4
 FASTSAM_IOU = 0.9
-
-
-def _bgr(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> contiguous BGR, what ultralytics expects of a numpy image."""
-    return np.ascontiguousarray(image[..., ::-1])
-
-
-@contextmanager
-def _torch_threads_kept() -> Iterator[None]:
-    """ultralytics' ``select_device`` (run when a predictor is set up) sets torch's thread count for the whole
-    process to its own choice (cpu count - 1, at most 8); keep the count the runtime chose for the other stages."""
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
-
-def _predict_args(device: torch.device, dtype: torch.dtype, imgsz: int) -> dict[str, Any]:
-    """Arguments every ultralytics predict call gets: explicit device, precision and size; no printing, no files."""
-    return {
-        "device": str(device),
-        "quantize": 16 if dtype == torch.float16 else 32,
-        "imgsz": imgsz,
-        "verbose": False,
-        "save": False,
-    }
-
-
-class YoloWorldBackend:
-    """YOLO-World with class text features from our CLIP text tower (transformers), set the way ultralytics does.
-
-    ultralytics' ``WorldModel.set_classes`` builds ``clip:ViT-B/32`` through the OpenAI ``clip`` git package (and a
-    download). What it computes is CLIP ViT-B/32 ``encode_text`` (text projection of the EOS token), cast to fp32
-    and L2-normalised (``ultralytics/nn/text_model.py`` ``CLIP.encode_text``), shaped (1, nc, 512).
-    ``CLIPTextModelWithProjection.text_embeds`` on ``openai/clip-vit-base-patch32`` is the same projection of the
-    same weights (pooled at the EOS token: CLIP's EOS is the highest id, as in OpenAI's argmax pooling; padding
-    after it is invisible under the causal mask), so we normalise it the same way and set it like
-    ``YOLOWorld.set_classes``: ``txt_feats``, the head's ``nc``, ``names``, and a fresh predictor.
-    """
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
-        parts: UltralyticsParts = loaded.processor
-        self.world = loaded.model  # ultralytics YOLOWorld
-        self.tokenizer = parts.tokenizer
-        self.text_model = parts.text_model.to(device)
-        self.args = _predict_args(device, dtype, parts.imgsz)
-        self.device = device
-        self._features: dict[tuple[str, ...], torch.Tensor] = {}
-        self._queries: tuple[str, ...] | None = None
-
-    def text_features(self, queries: list[str]) -> torch.Tensor:
-        """(1, nc, 512) float32 unit-norm text embeddings of ``queries`` on the model's device; cached per list."""
-        key = tuple(queries)
-        if key not in self._features:
-            tokens = self.tokenizer(list(key), padding=True, truncation=True, return_tensors="pt").to(self.device)
-            with torch.no_grad():
-                emb = self.text_model(**tokens).text_embeds.float()
-            self._features[key] = (emb / emb.norm(p=2, dim=-1, keepdim=True)).reshape(1, len(key), -1)
-        return self._features[key]
-
-    def set_queries(self, queries: list[str]) -> None:
-        """``YOLOWorld.set_classes`` with our text features (no-op when the queries did not change)."""
-        key = tuple(queries)
-        if key == self._queries:
-            return
-        world_model = self.world.model
-        world_model.txt_feats = self.text_features(queries)
-        world_model.model[-1].nc = len(key)
-        world_model.names = list(key)
-        self.world.predictor = None  # its AutoBackend copied the old names
-        self._queries = key
-
-    def __call__(self, images: list[np.ndarray], queries: list[str], threshold: float) -> list[Detections]:
-        # 1. Class text features for this query list.
-        self.set_queries(queries)
-        # 2. One batched predict; ultralytics letterboxes, runs NMS per class and scales boxes back to each image.
-        with _torch_threads_kept():
-            results = self.world.predict([_bgr(im) for im in images], conf=threshold, **self.args)
-        # 3. Class index = query index (names are the queries, in order).
-        return [
-            (
-                r.boxes.xyxy.float().cpu().numpy().astype(np.float32).reshape(-1, 4),
-                r.boxes.conf.float().cpu().numpy().astype(np.float32).reshape(-1),
-                r.boxes.cls.cpu().numpy().astype(np.int64).reshape(-1),
-            )
-            for r in results
-        ]
 
 
 def _sam_calls(prompts: list[InstancePrompt]) -> list[tuple[list[int], dict[str, Any]]]:
@@ -161,9 +73,9 @@ class UltralyticsSamBackend:
 
         parts: UltralyticsParts = loaded.processor
         self.predictor = Predictor(
-            overrides={"task": "segment", "mode": "predict", **_predict_args(device, dtype, parts.imgsz)}
+            overrides={"task": "segment", "mode": "predict", **predict_args(device, dtype, parts.imgsz)}
         )
-        with _torch_threads_kept():
+        with torch_threads_kept():
             self.predictor.setup_model(model=loaded.model.model, verbose=False)
         # The predictor drops candidates whose predicted IoU is <= conf, and its config only allows conf >= 0, so a
         # negative predicted IoU would always go. We need every candidate of every prompt, in order.
@@ -180,7 +92,7 @@ class UltralyticsSamBackend:
             scores = np.zeros((len(prompts), m), np.float32)
             if prompts:
                 # 1. Image encoder, once per image.
-                self.predictor.set_image(_bgr(image))
+                self.predictor.set_image(bgr(image))
                 # 2. One decoder call per prompt kind; masks come back at the original size, instance-major.
                 for idx, kwargs in _sam_calls(prompts):
                     (res,) = self.predictor(**kwargs, multimask_output=multimask)
@@ -212,15 +124,15 @@ class FastSamBackend:
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
         parts: UltralyticsParts = loaded.processor
         self.fastsam = loaded.model  # ultralytics FastSAM
-        self.args = _predict_args(device, dtype, parts.imgsz)
+        self.args = predict_args(device, dtype, parts.imgsz)
 
     def __call__(
         self, images: list[np.ndarray], per_image: list[list[InstancePrompt]], multimask: bool
     ) -> list[Candidates]:
         # 1. Everything mode for the whole batch; retina masks are at the original size.
-        with _torch_threads_kept():
+        with torch_threads_kept():
             everything = self.fastsam.predict(
-                [_bgr(im) for im in images], conf=FASTSAM_CONF, iou=FASTSAM_IOU, retina_masks=True, **self.args
+                [bgr(im) for im in images], conf=FASTSAM_CONF, iou=FASTSAM_IOU, retina_masks=True, **self.args
             )
         predictor = self.fastsam.predictor
         out = []
@@ -241,3 +153,60 @@ class FastSamBackend:
                     scores[j, 0] = float(sel.boxes.conf.max())
             out.append((cand, scores))
         return out
+
+
+# -------------------------------------------------------------------------------------------------------- tiny
+
+
+def _build_mobile_sam(entry: ModelEntry) -> list[Any]:
+    """MobileSAM with random weights, at full size (10.1 M params, 41 MB).
+
+    ultralytics' SAM loader picks the architecture from the file name (``mobile_sam.pt`` -> build_mobile_sam,
+    models/sam/build.py) and loads the state dict strictly, so no smaller network loads through it. The tiny
+    folder predicts at 128 px instead of 1024 (TinyViT and the prompt encoder follow ``set_imgsz``): one image
+    encoder pass takes ~0.05 s on one idle CPU core instead of ~3 s (~8 s on a busy 2-core box).
+    """
+    import_ultralytics()
+    from ultralytics.models.sam.build import build_mobile_sam
+
+    sam = build_mobile_sam()
+    return [SaveAs(lambda folder: torch.save(sam.state_dict(), folder / "mobile_sam.pt")), tiny_predict_settings()]
+
+
+def _build_fastsam(entry: ModelEntry) -> list[Any]:
+    """Tiny FastSAM: FastSAM is a one-class YOLOv8-seg, so ultralytics' yolov8-seg.yaml at scale n with nc=1."""
+    import_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+    from ultralytics.utils import YAML
+
+    cfg = {k: v for k, v in yaml_model_load("yolov8n-seg.yaml").items() if k != "yaml_file"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "yolov8n-seg.yaml"  # ultralytics reads the scale (n) and the task from the name
+        YAML.save(path, {**cfg, "nc": 1})
+        seg = YOLO(str(path))
+    tiny_yolo_init(seg.model)
+    return [SaveAs(lambda folder: seg.save(folder / "model.pt")), tiny_predict_settings()]
+
+
+# The weights are ultralytics release assets, not hub repos: nothing to probe in the HF cache
+# (is_available looks for the asset file where ultralytics does).
+ULTRALYTICS_SAM = Family(
+    name="ultralytics-sam",
+    task="segment",
+    load=ultralytics_loader("SAM", IMGSZ),
+    probe_files=(),
+    build_tiny=_build_mobile_sam,
+    backend=UltralyticsSamBackend,
+    defaults={"imgsz": IMGSZ},
+)
+
+FASTSAM = Family(
+    name="fastsam",
+    task="segment",
+    load=ultralytics_loader("FastSAM", IMGSZ),
+    probe_files=(),
+    build_tiny=_build_fastsam,
+    backend=FastSamBackend,
+    defaults={"imgsz": IMGSZ, "conf": FASTSAM_CONF, "iou": FASTSAM_IOU},
+)
