@@ -41,43 +41,59 @@ def run(
             "a growing folder); without it, every input is hashed and ids already done are skipped",
         ),
     ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join (host:6379 or ray://host:10001) [default: RAY_ADDRESS, else a new local Ray]"
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="show library and Ray worker logs (always in <output>/logs/)")
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Run a bulk edit: detect -> segment -> inpaint every input, write images, masks and a manifest."""
     from promptpaint.config import load_edit_spec
 
     try:
-        edit = load_edit_spec(spec, set_ or [])
+        edit = load_edit_spec(spec, [*(set_ or []), *([f"runtime.address={address}"] if address else [])])
     except SpecError as e:
         raise _fail(str(e), EXIT_INVALID) from None
 
-    from promptpaint import manifest
     from promptpaint.io import expand_input
-    from promptpaint.jobs.bulk_edit import describe_plan, format_summary, run_job
+    from promptpaint.jobs.bulk_edit import JobFailed, RayJobError, describe_plan, format_summary, run_job
+    from promptpaint.jobs.logs import captured
+    from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray
     from promptpaint.lineage import LineageUnavailable
     from promptpaint.models import ModelNotAvailable
 
     if dry_run:
         try:
             paths = expand_input(edit.input)
-        except FileNotFoundError as e:
+            typer.echo(describe_plan(edit, paths))
+        except (SpecError, FileNotFoundError) as e:
             raise _fail(str(e), EXIT_INVALID) from None
-        try:
-            typer.echo(describe_plan(edit, paths, len(manifest.done_ids(edit.output))))
-        except SpecError as e:
-            raise _fail(str(e), EXIT_INVALID) from None
+        except ModelNotAvailable as e:
+            raise _fail(str(e), EXIT_FAILED) from None
         return
     try:
-        result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
+        with captured(edit.output, verbose) as log:
+            if edit.runtime.executor == "ray":
+                ensure_ray(edit.runtime.address, verbose=verbose)
+            result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
     except FileNotFoundError as e:
         raise _fail(f"input: {e}", EXIT_INVALID) from None
-    except SpecError as e:  # found once the job looked at the spec more closely (e.g. a model of the wrong task)
+    except SpecError as e:  # found once the job looked at the cluster (e.g. fp16 on a CPU-only cluster)
         raise _fail(str(e), EXIT_INVALID) from None
-    except (ModelNotAvailable, LineageUnavailable, ValueError) as e:
-        raise _fail(str(e), EXIT_FAILED) from None
+    except RayJobError as e:  # the user's error first; Ray's wrapper only on request
+        more = f"\n{e.detail}" if verbose else "\n(Ray's full error: run again with -v)"
+        raise _fail(f"job failed: {e}{more}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from None
+    except (JobFailed, RayUnavailable, ModelNotAvailable, LineageUnavailable, ValueError) as e:
+        raise _fail(f"job failed: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from None
     except Exception as e:  # noqa: BLE001 - a failed job is exit 1 with the reason, never a bare traceback
         raise _fail(f"job failed: {type(e).__name__}: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from e
     typer.echo(format_summary(result))
+    typer.echo(f"  log: {log}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_serializer,
@@ -40,6 +42,21 @@ def comet_env() -> dict[str, Any]:
 
 class SpecError(ValueError):
     """An invalid spec or override. The CLI turns it into exit code 2."""
+
+
+def _registry_model(name: str, task: str, field: str) -> str:
+    """``name`` if the registry holds a ``task`` model by that name; a message naming ``field`` otherwise."""
+    from promptpaint.models.registry import MODELS  # pure data: no torch import
+
+    entry = MODELS.get(name)
+    if entry is None:
+        known = sorted(n for n, e in MODELS.items() if e.task == task)
+        raise ValueError(f"unknown model {name!r}; known {task} models: {', '.join(known)}")
+    if entry.task != task:
+        raise ValueError(
+            f"{field}={name!r} is a {entry.task} model; pick a {task} model (see `promptpaint models list`)"
+        )
+    return name
 
 
 def _check_utf8(v: Any) -> None:
@@ -104,6 +121,11 @@ class DetectSpec(_Section):
     threshold: float = Field(0.1, ge=0.0, le=1.0)
     top_k: int = Field(10, ge=1, le=1000)
 
+    @field_validator("model")
+    @classmethod
+    def _detect_model(cls, v: str) -> str:
+        return _registry_model(v, "detect", "detect.model")
+
     @field_validator("queries", mode="before")
     @classmethod
     def _strings_are_queries(cls, v: Any) -> Any:
@@ -158,6 +180,11 @@ class SegmentSpec(_Section):
         ),
     )
 
+    @field_validator("model")
+    @classmethod
+    def _segment_model(cls, v: str) -> str:
+        return _registry_model(v, "segment", "segment.model")
+
     @field_validator("points_file")
     @classmethod
     def _points_file_exists(cls, v: str | None) -> str | None:
@@ -198,6 +225,11 @@ class InpaintSpec(_Section):
             '\'("a bicycle", "a statue").blend(0.7, 0.3)\'; none: prompts go to the pipeline as plain text'
         ),
     )
+
+    @field_validator("model")
+    @classmethod
+    def _inpaint_model(cls, v: str) -> str:
+        return _registry_model(v, "inpaint", "inpaint.model")
 
     @field_validator("resolution")
     @classmethod
@@ -257,6 +289,11 @@ class QCSpec(_Section):
         ),
     )
 
+    @field_validator("model")
+    @classmethod
+    def _score_model(cls, v: str) -> str:
+        return _registry_model(v, "score", "qc.model")
+
 
 class LineageSpec(_Section):
     mode: Literal["off", "offline", "online", "auto"] = Field(
@@ -276,13 +313,28 @@ class LineageSpec(_Section):
 
 class RuntimeSpec(_Section):
     executor: Literal["ray", "local"] = "ray"
+    address: str | None = Field(
+        None,
+        description=(
+            "Ray cluster to join (ray://host:10001 or host:6379); None = RAY_ADDRESS when set, else a new local Ray "
+            "(never the cluster Ray's session files remember)"
+        ),
+    )
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    batch_size: dict[str, int] = Field(default_factory=dict)
-    pool_size: dict[str, int] = Field(default_factory=dict)
+    batch_size: dict[str, int] = Field(
+        default_factory=dict, description="rows per model call, by stage (default 8); read/write follow the block"
+    )
+    pool_size: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "pin the actor pool of the group holding this stage to N actors; unset = autoscale from 1 to what the "
+            "cluster's nodes hold"
+        ),
+    )
     num_gpus: dict[str, float] = Field(default_factory=dict)
     num_cpus: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="CPUs per model actor; None = all local CPUs"
+        None, gt=0, allow_inf_nan=False, description="CPUs per model actor; None = what one node holds (CPU jobs)"
     )
     fuse: Literal["auto", "all", "models", "none"] = Field(
         "auto", description="auto = all on CPU, models on GPU (read and write as CPU tasks); none = a pool per stage"
@@ -306,11 +358,26 @@ class RuntimeSpec(_Section):
             raise ValueError(f"values must be > 0, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> RuntimeSpec:
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError(
+                "runtime.dtype=float16 is not supported on CPU; use float32 or bfloat16 (or a CUDA device)"
+            )
+        return self
+
     def batch(self, stage: str) -> int:
         return int(self.batch_size.get(stage, 8))
 
-    def pool(self, stage: str) -> int:
-        return int(self.pool_size.get(stage, 1))
+    def resolve_dtype(self, device_type: str) -> str:
+        """The dtype name a stage on ``device_type`` runs at; SpecError for fp16 on CPU."""
+        dt = self.dtype if self.dtype != "auto" else ("float16" if device_type == "cuda" else "float32")
+        if device_type == "cpu" and dt == "float16":
+            raise SpecError(
+                "invalid spec: runtime.dtype=float16 is not supported on CPU and this job runs on CPU "
+                "(no GPU in the cluster, or runtime.device=cpu); use float32 or bfloat16"
+            )
+        return dt
 
     def resolve(self) -> tuple[Any, Any]:
         """(torch.device, torch.dtype): cuda when present, fp16 on cuda, fp32 on cpu, unless set."""
@@ -320,24 +387,85 @@ class RuntimeSpec(_Section):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
-        if self.dtype == "auto":
-            dt = torch.float16 if dev.type == "cuda" else torch.float32
-        else:
-            dt = getattr(torch, self.dtype)
-        if dev.type == "cpu" and dt == torch.float16:
-            raise SpecError("runtime.dtype=float16 is not supported on CPU; use float32 or bfloat16")
-        return dev, dt
+        return dev, getattr(torch, self.resolve_dtype(dev.type))
 
 
 class LimitsSpec(_Section):
     max_pixels: int = Field(40_000_000, ge=1)
     max_bytes: int = Field(200 * 1024 * 1024, ge=1)
     formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"])
+    max_error_rate: float | None = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "stop the job (exit 1) when more than this fraction of the rows processed so far failed in a model "
+            "stage or in promptpaint itself (model_error, internal_error); bad input files never count. "
+            "null = never stop"
+        ),
+    )
+    error_rate_min_rows: int = Field(32, ge=1, description="rows processed before max_error_rate is checked")
 
     @field_validator("formats")
     @classmethod
     def _upper(cls, v: list[str]) -> list[str]:
         return [f.upper() for f in v]
+
+
+class WriteSpec(_Section):
+    naming: Literal["input", "id"] = Field(
+        "input",
+        description=(
+            "input: images/<path relative to the input root, without extension>.<ext> (inputs whose names differ "
+            "only in extension keep it: a.jpg + a.png -> a.jpg.png, a.png.png); id: images/<row id>.<ext>"
+        ),
+    )
+    format: Literal["png", "webp", "jpeg"] = Field(
+        "png",
+        description=(
+            "edited images' format; masks are always PNG. jpeg and lossy webp change every pixel a little, so "
+            "'mask == 0 => pixel identical' holds for png and lossless webp only"
+        ),
+    )
+    quality: int = Field(95, ge=1, le=100, description="jpeg / lossy webp quality")
+    lossless: bool = Field(True, description="webp: lossless (default) or lossy at `quality`")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG images and masks")
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    """What a job mode runs and produces: one table instead of ``if mode == ...`` in every module."""
+
+    stages: tuple[str, ...]  # in order; ``score`` is added after ``inpaint`` when qc.enabled
+    done_status: str  # status of a row that went through every stage
+    output_sections: frozenset[str]  # spec sections (besides mode/detect/segment/limits) that change outputs
+    export: bool = False  # writes <output>/coco.json
+    qc: bool = False  # takes the CLIP scorer when qc.enabled
+
+
+MODE_TABLE: dict[str, ModeInfo] = {
+    "edit": ModeInfo(
+        ("read", "detect", "segment", "mask", "inpaint", "write"), "edited", frozenset({"mask", "inpaint"}), qc=True
+    ),
+    "remove": ModeInfo(
+        ("read", "detect", "segment", "mask", "inpaint", "write"), "edited", frozenset({"mask", "inpaint"}), qc=True
+    ),
+    "detect": ModeInfo(("read", "detect", "write"), "detected", frozenset(), export=True),
+    "segment": ModeInfo(("read", "detect", "segment", "write"), "segmented", frozenset(), export=True),
+}
+
+
+@dataclass(frozen=True)
+class EditPass:
+    """One inpaint pass: the prompt pair and the detection labels whose objects it repaints."""
+
+    prompt: str
+    negative_prompt: str
+    labels: tuple[str, ...]
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.prompt, self.negative_prompt
 
 
 class EditSpec(_Section):
@@ -349,7 +477,7 @@ class EditSpec(_Section):
         description=(
             "edit: repaint each query's objects with its prompt; remove: paint them out (inpaint.remove_prompt, "
             "the queries as negative prompt); detect: boxes only, exported as <output>/coco.json; segment: "
-            "instance masks only (masks/<id>.png label maps + RLE in the manifest), exported as COCO instance "
+            "instance masks only (masks/<name>.png label maps + RLE in the manifest), exported as COCO instance "
             "segmentation"
         ),
     )
@@ -361,6 +489,10 @@ class EditSpec(_Section):
     lineage: LineageSpec = Field(default_factory=LineageSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    write: WriteSpec = Field(default_factory=WriteSpec)
+    # What the outputs were made with beyond the spec: weight fingerprints and the resolved dtype, set by the
+    # job (``with_identity``) before any id is computed, so other weights give other ids.
+    _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _env_models_dir(self) -> EditSpec:
@@ -368,8 +500,12 @@ class EditSpec(_Section):
             object.__setattr__(self, "models_dir", os.environ["PROMPTPAINT_MODELS_DIR"])
         return self
 
-    def edit_prompts(self) -> dict[str, tuple[str, str]]:
-        """Detection label -> (inpaint prompt, negative prompt) of the pass that repaints its objects.
+    @property
+    def mode_info(self) -> ModeInfo:
+        return MODE_TABLE[self.mode]
+
+    def passes(self) -> list[EditPass]:
+        """The inpaint passes, in order: one per distinct (prompt, negative prompt) over the queries.
 
         edit: each query's own prompt / negative prompt, else ``inpaint.prompt`` / ``inpaint.negative_prompt``;
         sidecar-prompted instances (label ``prompt``) take the defaults. remove: one pass for everything,
@@ -378,33 +514,57 @@ class EditSpec(_Section):
         inp = self.inpaint
         default = default_prompt_pair(inp, self.mode, self.detect.texts)
         if self.mode == "remove":
-            return {**{t: default for t in self.detect.texts}, "prompt": default}
-        out = {
-            q.text: (
+            return [EditPass(*default, (*self.detect.texts, "prompt"))]
+        by_pair: dict[tuple[str, str], list[str]] = {}
+        for q in self.detect.queries:
+            pair = (
                 inp.prompt if q.prompt is None else q.prompt,
                 inp.negative_prompt if q.negative_prompt is None else q.negative_prompt,
             )
-            for q in self.detect.queries
-        }
-        out.setdefault("prompt", default)
-        return out
+            by_pair.setdefault(pair, []).append(q.text)
+        by_pair.setdefault(default, []).append("prompt")
+        return [EditPass(p, n, tuple(labels)) for (p, n), labels in by_pair.items()]
+
+    def edit_prompts(self) -> dict[str, tuple[str, str]]:
+        """Detection label -> (prompt, negative prompt) of the pass that repaints its objects (see ``passes``)."""
+        return {label: p.pair for p in self.passes() for label in p.labels}
+
+    def default_pass(self) -> tuple[str, str]:
+        """(prompt, negative prompt) for rows that carry no per-pass prompts."""
+        return default_prompt_pair(self.inpaint, self.mode, self.detect.texts)
 
     def stages(self) -> list[str]:
         """The stages this job's mode runs, in order (``score`` only with ``qc.enabled``)."""
-        if self.mode == "detect":
-            return ["read", "detect", "write"]
-        if self.mode == "segment":
-            return ["read", "detect", "segment", "write"]
-        return ["read", "detect", "segment", "mask", "inpaint", *(["score"] if self.qc.enabled else []), "write"]
+        info = self.mode_info
+        stages = list(info.stages)
+        if info.qc and self.qc.enabled:
+            stages.insert(stages.index("inpaint") + 1, "score")
+        return stages
+
+    def with_identity(self, identity: dict[str, Any]) -> EditSpec:
+        """A copy whose ``spec_hash`` (and so every row id) also covers ``identity`` (weights, dtype)."""
+        out = self.model_copy(deep=True)
+        out._identity = dict(identity)
+        return out
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
 
     def output_hash_fields(self) -> dict[str, Any]:
-        """Every field that changes an output (image, mask, box, score); runtime and paths do not."""
-        fields = {"mode", "detect", "segment", "limits"}
-        if self.mode in ("edit", "remove"):
-            fields |= {"mask", "inpaint"}
-            if self.qc.enabled:
-                fields.add("qc")
-        return self.model_dump(include=fields)
+        """Every field that changes an output (image, mask, box, score, file format); runtime and paths do not.
+
+        With ``with_identity``, also the weights (fingerprints) and the dtype the models run at.
+        """
+        fields = {"mode", "detect", "segment", "limits", *self.mode_info.output_sections}
+        if self.mode_info.qc and self.qc.enabled:
+            fields.add("qc")
+        out = self.model_dump(include=fields)
+        if "inpaint" in self.mode_info.output_sections:  # the edited image's encoding
+            out["write"] = self.write.model_dump(include={"format", "quality", "lossless"})
+        if self._identity:
+            out["identity"] = self._identity
+        return out
 
     def spec_hash(self) -> str:
         blob = json.dumps(self.output_hash_fields(), sort_keys=True, separators=(",", ":"))
@@ -465,7 +625,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         given = e.get("input")
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see examples/*.yaml for every key)"
         elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):

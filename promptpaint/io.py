@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
+from xml.sax.saxutils import quoteattr, unescape
 
 import fsspec
 import numpy as np
@@ -47,6 +49,8 @@ __all__ = [
 
 ERROR_KINDS = ("undecodable", "truncated", "too_large", "unsupported_format", "empty", "io_error")
 
+# zlib level for PNG outputs: chosen by measurement (benchmarks/png_level.py, RESULTS.md).
+PNG_LEVEL = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "mpo")
 
 # Phrases Pillow (and the codecs under it) use when the data simply ran out. Pillow has no dedicated
@@ -258,7 +262,12 @@ def _owned(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- encode
 
 
-def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, text: Mapping[str, str] | None = None) -> bytes:
+def encode_png(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    text: Mapping[str, str] | None = None,
+    compress_level: int = PNG_LEVEL,
+) -> bytes:
     """Encode ``rgb`` (H, W, 3) uint8 (+ ``alpha`` (H, W) uint8 -> RGBA) as PNG bytes.
 
     ``text`` becomes tEXt chunks (iTXt when a value is not Latin-1); read it back with :func:`read_png_text`.
@@ -275,10 +284,100 @@ def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None, text: Mapping[s
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    return _save_png(Image.fromarray(np.ascontiguousarray(pixels)), pnginfo=info)
+    return _save_png(Image.fromarray(np.ascontiguousarray(pixels)), pnginfo=info, compress_level=compress_level)
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
+XMP_KEY = "promptpaint:lineage"
+
+
+def encode_image(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    text: Mapping[str, str],
+    fmt: str = "png",
+    quality: int = 95,
+    lossless: bool = True,
+    compress_level: int = PNG_LEVEL,
+) -> bytes:
+    """Encode an edited image as ``fmt`` (png | webp | jpeg) with its lineage ``text``.
+
+    PNG keeps ``text`` as text chunks; WebP and JPEG carry it as JSON in an XMP packet (``read_image_text``
+    reads either). JPEG has no alpha channel: it is dropped.
+    """
+    if fmt == "png":
+        return encode_png(rgb, alpha, text, compress_level)
+    rgb = np.asarray(rgb)
+    pixels = np.dstack([rgb, alpha]) if (alpha is not None and fmt == "webp") else rgb
+    im = Image.fromarray(np.ascontiguousarray(pixels))
+    blob = json.dumps(dict(text), sort_keys=True)
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:promptpaint="https://github.com/promptpaint/ns/1.0/" '
+        f"promptpaint:lineage={quoteattr(blob)}/></rdf:RDF></x:xmpmeta>"
+    ).encode()
+    buf = BytesIO()
+    if fmt == "webp":
+        im.save(buf, format="WEBP", lossless=lossless, quality=100 if lossless else quality, xmp=xmp, exact=True)
+    elif fmt == "jpeg":
+        im.save(buf, format="JPEG", quality=quality, xmp=xmp)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; use png, webp or jpeg")
+    return buf.getvalue()
+
+
+def read_image_text(data: bytes) -> dict[str, str]:
+    """The lineage text of an image written by ``encode_image``: PNG text chunks, or the XMP JSON of WebP/JPEG."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return read_png_text(data)
+    with Image.open(BytesIO(data)) as im:
+        xmp = im.info.get("xmp", b"")
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    m = re.search(rb'promptpaint:lineage=(["\'])(.*?)\1', xmp, re.S)
+    if not m:
+        return {}
+    return json.loads(unescape(m.group(2).decode("utf-8"), {"&quot;": '"', "&apos;": "'"}))
+
+
+IMAGE_SUFFIX = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+
+
+def input_root(uri_or_glob: str) -> str:
+    """The folder output names are relative to: a folder input itself, a glob's literal prefix, a file's parent.
+
+    In the same form as ``expand_input``'s paths (absolute locally, ``scheme://`` otherwise).
+    """
+    fs, path = fsspec.core.url_to_fs(uri_or_glob)
+    if _is_glob(uri_or_glob):
+        parts = path.split("/")
+        root = "/".join(parts[: next(i for i, part in enumerate(parts) if _is_glob(part))])
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+    else:
+        root = posixpath.dirname(path.rstrip("/"))
+    return _with_scheme(uri_or_glob, fs, root or "/")
+
+
+def output_names(paths: Sequence[str], root: str) -> dict[str, str]:
+    """Input path -> output name: the path relative to ``root`` without its extension (``cars/0001``).
+
+    Inputs whose names collide without their extensions (``a.jpg`` and ``a.png``) keep them (``a.jpg``,
+    ``a.png``), whatever order they are listed in. A path outside ``root`` keeps only its file name.
+    """
+    prefix = root.rstrip("/") + "/"
+    rel = {p: (p[len(prefix) :] if p.startswith(prefix) else posixpath.basename(p)) for p in paths}
+    stems: dict[str, int] = {}
+    for r in rel.values():
+        stem = posixpath.splitext(r)[0]
+        stems[stem] = stems.get(stem, 0) + 1
+    out = {}
+    for p, r in rel.items():
+        stem = posixpath.splitext(r)[0]
+        out[p] = r if stems[stem] > 1 or not stem else stem
+    return out
+
+
+def encode_mask_png(mask: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:
     """Encode a (H, W) mask as grayscale PNG: bool -> 8-bit 0/255, uint8 -> 8-bit, uint16 -> 16-bit (label maps)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -287,7 +386,7 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
         mask = mask.astype(np.uint8) * 255
     elif mask.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"mask must be bool, uint8 or uint16, got {mask.dtype}")
-    return _save_png(Image.fromarray(np.ascontiguousarray(mask)))
+    return _save_png(Image.fromarray(np.ascontiguousarray(mask)), compress_level=compress_level)
 
 
 def _save_png(im: Image.Image, **params: Any) -> bytes:

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -23,6 +24,17 @@ from promptpaint.io import atomic_write, join
 MANIFEST_DIR = "manifest"
 SUCCESS = "_SUCCESS"
 STATUSES = ("edited", "detected", "segmented", "no_detection", "error", "qc_failed", "skipped")
+# Errors that another run would repeat (the input itself is bad). Every other error kind -- model_error (an
+# out-of-memory, a node lost), io_error (storage hiccup), internal_error (a bug, fixed since) -- is transient:
+# the next run over the same output retries the input, and its new row replaces the old one.
+FINAL_ERROR_KINDS = frozenset({"undecodable", "truncated", "empty", "too_large", "unsupported_format", "bad_prompt"})
+
+
+def is_final(status: str, error_kind: str | None) -> bool:
+    """True when a re-run must skip this row: it succeeded, found nothing, or its input is bad."""
+    return status != "error" or (error_kind or "") in FINAL_ERROR_KINDS
+
+
 RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
 # Typed columns; everything else (spec.*, model.*) is inferred per part and promoted on read.
@@ -70,20 +82,31 @@ def part_paths(output: str) -> list[str]:
     return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
 
 
-def read_manifest(output: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All manifest parts as one table (None when there are none)."""
+def read_manifest(output: str, columns: list[str] | None = None, latest: bool = True) -> pa.Table | None:
+    """All manifest parts as one table (None when there are none).
+
+    ``latest``: one row per (id, input path), the one from the newest part. An input retried after a
+    transient error has an older row until the run that retried it finishes (``supersede`` drops it).
+    """
     fs, _ = _fs(output)
     tables = []
+    want = None if columns is None else list(dict.fromkeys([*columns, "id", "input_path"] if latest else columns))
     for p in part_paths(output):
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            tables.append(pq.read_table(f, columns=want))
     if not tables:
         return None
-    return pa.concat_tables(tables, promote_options="permissive")
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if latest:
+        keys = list(zip(table.column("id").to_pylist(), table.column("input_path").to_pylist(), strict=True))
+        last = {k: n for n, k in enumerate(keys)}
+        if len(last) < len(keys):
+            table = table.take(sorted(last.values()))
+    return table if columns is None else table.select(columns)
 
 
 def done_ids(output: str) -> set[str]:
-    """Ids already in the manifest: a re-run of the same spec skips them."""
+    """Ids already in the manifest."""
     table = read_manifest(output, columns=["id"])
     return set() if table is None else set(table.column("id").to_pylist())
 
@@ -101,22 +124,71 @@ def combine(uris: list[str]) -> bytes | None:
     return sink.getvalue()
 
 
-def done_keys(output: str) -> set[tuple[str, str]]:
-    """(id, input path) pairs already in the manifest. Skip by these, not by id alone: two inputs with
-    identical bytes share an id, and a run that recorded one of them must not skip the other forever."""
-    table = read_manifest(output, columns=["id", "input_path"])
+@dataclass
+class ManifestState:
+    """What earlier runs recorded: the (id, input path) pairs a re-run skips, and those it retries."""
+
+    final: set[tuple[str, str]] = field(default_factory=set)
+    transient: set[tuple[str, str]] = field(default_factory=set)
+    final_paths: dict[str, set[str]] = field(default_factory=dict)  # spec hash -> input paths with a final row
+
+
+def load_state(output: str) -> ManifestState:
+    table = read_manifest(output, columns=["id", "input_path", "status", "error_kind", "spec_hash"])
+    state = ManifestState()
     if table is None:
-        return set()
-    return set(zip(table.column("id").to_pylist(), table.column("input_path").to_pylist(), strict=True))
+        return state
+    cols = [table.column(c).to_pylist() for c in ("id", "input_path", "status", "error_kind", "spec_hash")]
+    for row_id, path, status, kind, spec_hash in zip(*cols, strict=True):
+        if is_final(status, kind):
+            state.final.add((row_id, path))
+            state.final_paths.setdefault(spec_hash, set()).add(path)
+        else:
+            state.transient.add((row_id, path))
+    return state
+
+
+def done_keys(output: str) -> set[tuple[str, str]]:
+    """(id, input path) pairs a re-run skips: rows with a final status. Skip by these, not by id alone: two
+    inputs with identical bytes share an id, and a run that recorded one of them must not skip the other."""
+    return load_state(output).final
 
 
 def done_paths(output: str, spec_hash: str) -> set[str]:
-    """Input paths this spec already processed (for ``--incremental``: skip them unread)."""
-    table = read_manifest(output, columns=["input_path", "spec_hash"])
-    if table is None:
-        return set()
-    rows = zip(table.column("input_path").to_pylist(), table.column("spec_hash").to_pylist(), strict=True)
-    return {p for p, h in rows if h == spec_hash}
+    """Input paths this spec finished (for ``--incremental``: skip them unread)."""
+    return load_state(output).final_paths.get(spec_hash, set())
+
+
+def supersede(output: str, keys: set[tuple[str, str]], keep: Iterable[str]) -> int:
+    """Drop rows with these (id, input path) keys from every part except ``keep`` (this run's parts).
+
+    Called after a run that retried earlier transient rows, so an input has one row however often the job
+    runs. Each part is rewritten atomically; returns the number of rows dropped.
+    """
+    if not keys:
+        return 0
+    fs, _ = _fs(output)
+    keep_names = {k.rstrip("/").rsplit("/", 1)[-1] for k in keep}
+    dropped = 0
+    for p in part_paths(output):
+        name = p.rsplit("/", 1)[-1]
+        if name in keep_names:
+            continue
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f)
+        ids, paths = table.column("id").to_pylist(), table.column("input_path").to_pylist()
+        mask = [(i, q) not in keys for i, q in zip(ids, paths, strict=True)]
+        if all(mask):
+            continue
+        dropped += mask.count(False)
+        uri = join(output, MANIFEST_DIR, name)
+        if any(mask):
+            sink = _io.BytesIO()
+            pq.write_table(table.filter(pa.array(mask)), sink, compression="zstd")
+            atomic_write(uri, sink.getvalue())
+        else:
+            fs.rm(p)
+    return dropped
 
 
 def clear_success(output: str) -> None:
@@ -153,7 +225,10 @@ class ManifestWriter:
     def __init__(self, output: str, every: int = 256):
         self.output = output
         self.every = every
-        self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # Sortable by time (microseconds), so part order is run order: the newest row of an input wins.
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+        self.run = f"{stamp}{int(now % 1 * 1e6):06d}-{uuid.uuid4().hex[:6]}"
         self.buffer: list[dict[str, Any]] = []
         self.parts = 0
         self.rows = 0

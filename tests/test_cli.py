@@ -130,7 +130,7 @@ def test_dry_run_lists_inputs_and_stages_and_runs_nothing(spec_file: Path):
     res = cli("run", str(spec_file), "--dry-run")
     assert res.returncode == 0, res.stderr
     assert "inputs: 7 files" in res.stdout
-    assert "stage group read+detect+segment+mask+inpaint+write" in res.stdout
+    assert "actors read+detect+segment+mask+inpaint+write: pool 1," in res.stdout  # one 2-CPU node here
     assert "model calls" in res.stdout
     assert not (spec_file.parent / "out").exists()
 

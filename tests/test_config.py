@@ -71,7 +71,7 @@ def test_editspec_defaults() -> None:
         256,
     )
     assert r.batch_size == {} and r.pool_size == {} and r.num_gpus == {}
-    assert [r.batch(st) for st in STAGES] == [8] * len(STAGES) and r.pool("inpaint") == 1
+    assert [r.batch(st) for st in STAGES] == [8] * len(STAGES)
     assert s.limits.max_pixels == 40_000_000 and s.limits.max_bytes == 200 * 1024 * 1024
     assert "JPEG" in s.limits.formats and "PNG" in s.limits.formats
     # the default factories give each spec its own lists
@@ -400,8 +400,12 @@ def test_runtime_resolve_on_cpu() -> None:
     assert RuntimeSpec(device="cpu").resolve() == (torch.device("cpu"), torch.float32)
     assert RuntimeSpec(device="cpu", dtype="bfloat16").resolve() == (torch.device("cpu"), torch.bfloat16)
     assert RuntimeSpec(device="cpu", dtype="float32").resolve() == (torch.device("cpu"), torch.float32)
+    # fp16 on an explicit CPU is a spec error when the spec is built, before any job work ...
     with pytest.raises(SpecError, match=r"runtime\.dtype=float16.*CPU"):
-        RuntimeSpec(device="cpu", dtype="float16").resolve()
+        build_spec(RuntimeSpec, {"device": "cpu", "dtype": "float16"})
+    # ... and with device auto, as soon as the device is known to be a CPU.
+    with pytest.raises(SpecError, match=r"runtime\.dtype=float16.*CPU"):
+        RuntimeSpec(dtype="float16").resolve_dtype("cpu")
 
 
 def test_runtime_resolve_auto_follows_the_machine() -> None:
@@ -422,7 +426,7 @@ def test_runtime_bounds() -> None:
     with pytest.raises(SpecError, match=r"runtime\.num_gpus"):
         _spec_from({"runtime": {"num_gpus": {"gpu": 1}}})
     r = _spec_from({"runtime": {"batch_size": {"detect": 3}, "pool_size": {"inpaint": 2}}}).runtime
-    assert (r.batch("detect"), r.batch("inpaint"), r.pool("inpaint"), r.pool("detect")) == (3, 8, 2, 1)
+    assert (r.batch("detect"), r.batch("inpaint"), r.pool_size) == (3, 8, {"inpaint": 2})
 
 
 def test_inpaint_spec_bounds() -> None:

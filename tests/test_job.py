@@ -13,7 +13,8 @@ from PIL import Image
 from promptpaint import manifest
 from promptpaint.config import EditSpec, build_spec
 from promptpaint.io import read_png_text
-from promptpaint.jobs.bulk_edit import plan_groups, run_job
+from promptpaint.jobs.bulk_edit import run_job
+from promptpaint.jobs.plan import ClusterShape, plan
 from promptpaint.samples import make_samples
 
 STATUSES = set(manifest.STATUSES)
@@ -60,7 +61,8 @@ def assert_complete(output: str, inputs: list[str]) -> dict:
     assert len(images) == len(edited)
     for r in edited:
         assert fs.exists(r["output_path"]) and fs.exists(r["mask_path"])
-        assert r["output_path"].endswith(f"{r['id']}.png")
+        # write.naming: input (the default): the input's name, relative to the input folder
+        assert r["output_path"].endswith(f"/images/{Path(r['input_path']).stem}.png")
     assert not [p for p in fs.find(root) if ".tmp-" in p], "temporary files left behind"
     assert manifest.success_exists(output)
     return {r["input_path"]: r for r in rows}
@@ -88,7 +90,10 @@ def test_ray_job_broken_inputs_resume_and_determinism(tmp_path, tiny_models, ray
     edited = next(r for r in rows.values() if r["status"] == "edited")
     text = read_png_text(Path(edited["output_path"]).read_bytes())
     assert text["promptpaint:id"] == edited["id"]
-    assert text["promptpaint:spec_hash"] == spec.spec_hash() == edited["spec_hash"]
+    assert text["promptpaint:spec_hash"] == result.summary["spec_hash"] == edited["spec_hash"]
+    # The run's hash covers the weights and dtype besides the spec (other weights, other ids).
+    assert edited["spec_hash"] != spec.spec_hash()
+    assert edited["model.inpaint.weights"].startswith("local:sha256:")
     assert int(text["promptpaint:seed"]) == edited["seed"]
     assert edited["model.inpaint.source"] == str(tiny_models / "sd15-inpaint")
 
@@ -175,11 +180,13 @@ def test_memory_filesystem_end_to_end(tiny_models):
 
 def test_plan_fuses_on_cpu_and_splits_on_gpu():
     spec = build_spec(EditSpec, {"input": "x", "output": "y"})
-    (cpu,) = plan_groups(spec, "cpu", total_cpus=2)
-    assert cpu.stages == ["read", "detect", "segment", "mask", "inpaint", "write"]
+    (cpu,) = plan(spec, ClusterShape.single(2)).groups
+    assert cpu.stages == ("read", "detect", "segment", "mask", "inpaint", "write")
     assert cpu.num_cpus == 2 and cpu.num_gpus == 0
-    gpu = plan_groups(spec, "cuda", total_cpus=16)
-    assert [g.stages for g in gpu] == [["read"], ["detect", "segment", "mask", "inpaint"], ["write"]]
+    gpu = plan(spec, ClusterShape.single(16, 1)).groups
+    assert [g.stages for g in gpu] == [("read",), ("detect", "segment", "mask", "inpaint"), ("write",)]
     assert gpu[1].num_gpus == 1 and gpu[0].num_gpus == 0 and gpu[0].num_cpus == 0.5
-    none = plan_groups(spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"fuse": "none"})}), "cpu", 2)
-    assert len(none) == 6 and all(g.num_cpus == 0.5 for g in none)
+    none = plan(
+        spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"fuse": "none"})}), ClusterShape.single(2)
+    )
+    assert len(none.groups) == 6 and all(g.num_cpus == 0.5 for g in none.groups)

@@ -14,7 +14,8 @@ from promptpaint import coco, manifest
 from promptpaint.actors.inpainter import Inpainter
 from promptpaint.actors.maskops import MaskOps
 from promptpaint.config import EditSpec, InpaintSpec, MaskSpec, RuntimeSpec, build_spec
-from promptpaint.jobs.bulk_edit import Chain, plan_groups, run_job
+from promptpaint.jobs.bulk_edit import Chain, run_job
+from promptpaint.jobs.plan import ClusterShape, plan
 from promptpaint.samples import make_samples
 
 CPU = RuntimeSpec(device="cpu")
@@ -140,7 +141,8 @@ def test_segment_label_map_goes_16_bit_past_255_instances() -> None:
 
 def test_detect_mode_on_ray_exports_boxes(tiny_models: Path, corpus: Path, tmp_path: Path, ray_session) -> None:
     spec = _spec(corpus, tmp_path / "out", tiny_models, "detect", runtime={"executor": "ray", "device": "cpu"})
-    assert [g.stages for g in plan_groups(spec, "cuda", 4)] == [["read"], ["detect"], ["write"]]
+    gpu = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"device": "auto"})})
+    assert [g.stages for g in plan(gpu, ClusterShape.single(4, 1)).groups] == [("read",), ("detect",), ("write",)]
     result = run_job(spec, progress=False)
     rows = manifest.read_manifest(spec.output).to_pylist()
     assert {r["status"] for r in rows} <= {"detected", "no_detection", "error"}

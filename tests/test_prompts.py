@@ -30,7 +30,7 @@ from promptpaint.actors.prompts import (
     load_prompt_table,
     merge_instances,
 )
-from promptpaint.actors.segmenter import Segmenter, box_masks, build_sam_prompts, to_model_coords
+from promptpaint.actors.segmenter import Segmenter, box_masks
 from promptpaint.config import (
     DetectSpec,
     EditSpec,
@@ -41,8 +41,10 @@ from promptpaint.config import (
     build_spec,
     load_edit_spec,
 )
-from promptpaint.jobs.bulk_edit import plan_groups, run_job, with_prompts
+from promptpaint.jobs.bulk_edit import run_job
+from promptpaint.jobs.plan import ClusterShape, plan, with_prompts
 from promptpaint.models import is_available
+from promptpaint.models.sam import build_sam_prompts, to_model_coords
 
 CPU = RuntimeSpec(device="cpu", dtype="float32")
 H, W = 64, 96
@@ -419,8 +421,9 @@ def test_points_only_image_is_edited_in_a_local_job(tiny_models: Path, tmp_path:
         lineage={"mode": "off"},
     )
     assert with_prompts(spec, spec.stages()) == ["read", "prompts", "detect", "segment", "mask", "inpaint", "write"]
-    assert [g.stages for g in plan_groups(spec, "cuda", 4)][1] == ["prompts", "detect", "segment", "mask", "inpaint"]
-    assert [g.stages for g in plan_groups(spec, "cpu", 4)][0][:3] == ["read", "prompts", "detect"]
+    gpu = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"device": "auto"})})
+    assert plan(gpu, ClusterShape.single(4, 1)).groups[1].stages == ("prompts", "detect", "segment", "mask", "inpaint")
+    assert plan(spec, ClusterShape.single(4)).groups[0].stages[:3] == ("read", "prompts", "detect")
     result = run_job(spec, progress=False)
     assert result.counts == {"skipped": 0, "edited": 1, "no_detection": 1}, result.counts
     rows = {Path(r["input_path"]).name: r for r in manifest.read_manifest(str(tmp_path / "out")).to_pylist()}

@@ -800,13 +800,8 @@ def test_chain_all_stages_bad_file_does_not_stop_others(tiny_models: Path, sampl
         else:
             assert written is None and out["error_stage"][i] == "read"
     assert len(list((tmp_path / "out" / "images").iterdir())) == 4
-    # The models column records where each model came from: the tiny local folders.
-    models = [json.loads(m) for m in out["models"]]
-    assert all(m == models[0] for m in models)
-    assert models[0] == {
-        stage: {"name": name, "source": str(tiny_models / name), "revision": "local"}
-        for stage, name in (("detect", "owlv2"), ("segment", "sam"), ("inpaint", "sd15-inpaint"))
-    }
+    # Stages carry no run-level columns: the driver adds model lineage to manifest rows (test_hardening).
+    assert "models" not in out
     assert not any(isinstance(v, np.ndarray) for col in out.values() for v in col)
 
 

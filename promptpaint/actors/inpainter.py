@@ -156,12 +156,16 @@ class Inpainter:
                 generator=gens,
                 output_type="np",
             ).images
+            done = []
             for n, i in enumerate(idx):
                 c = plans[i]
                 gen = (np.asarray(result[n], np.float32).clip(0, 1) * 255).round().astype(np.uint8)
                 gen = np.asarray(Image.fromarray(gen).resize((c.x1 - c.x0, c.y1 - c.y0), Image.LANCZOS))
-                current[i] = paste(current[i], gen, passes[i][k][0], c)
-                crops[i].append([c.y0, c.y1, c.x0, c.x1])
+                done.append((i, paste(current[i], gen, passes[i][k][0], c), [c.y0, c.y1, c.x0, c.x1]))
+            # Commit only now: if anything above raised, a row-by-row retry starts from the untouched rows.
+            for i, pasted, window in done:
+                current[i] = pasted
+                crops[i].append(window)
                 edit_prompts[i].append(pair[0])
 
         with timed(batch, self.stage, rows):

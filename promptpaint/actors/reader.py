@@ -16,7 +16,7 @@ from promptpaint.io import DecodeError, content_id, decode_image, read_bytes
 class Reader:
     """Read and decode inputs, with limits.
 
-    Batch in:  path list[str]
+    Batch in:  path list[str]; optional name list[str] (output names, passed through)
     Batch out: id, path, status, error_*, image (H, W, 3) uint8, alpha (H, W) uint8 or (0, 0) when the
                input has no transparency, width, height.
     An input whose id -- or (id, path) pair -- is in ``done_ids`` gets status ``skipped`` and is not
@@ -34,6 +34,8 @@ class Reader:
     def __call__(self, batch: dict[str, list]) -> Batch:
         paths = [str(p) for p in batch["path"]]
         out = new_rows([""] * len(paths), paths)
+        if "name" in batch:  # output names chosen by the driver (write.naming: input)
+            out["name"] = [str(x) for x in batch["name"]]
         images = ensure_column(out, "image", lambda: np.zeros((0, 0, 3), np.uint8))
         alphas = ensure_column(out, "alpha", lambda: np.zeros((0, 0), np.uint8))
         width = ensure_column(out, "width", lambda: 0)

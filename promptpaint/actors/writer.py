@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from promptpaint.actors.common import ERROR_COLUMNS, Batch, active, ensure_column, timed
+from promptpaint.actors.common import ERROR_COLUMNS, Batch, active, ensure_column, jsonable, timed
 from promptpaint.coco import encode_rle
-from promptpaint.io import atomic_write, encode_mask_png, encode_png, join
+from promptpaint.config import WriteSpec
+from promptpaint.io import IMAGE_SUFFIX, atomic_write, encode_image, encode_mask_png, join
 
 # Columns that leave the worker for the manifest; pixel columns stay behind.
 MANIFEST_COLUMNS = (
@@ -40,11 +41,13 @@ MANIFEST_COLUMNS = (
     "rles",
     "clip_scores",
     "clip_score",
+    "node",
 )
 JSON_COLUMNS = ("boxes", "labels", "det_scores", "mask_scores", "crop", "crops", "edit_prompts", "rles", "clip_scores")
 TIMING_STAGES = ("read", "detect", "segment", "mask", "inpaint", "score", "write")
 # For rows (or whole batches) that never reached the stage producing a column.
 _DEFAULTS: dict[str, Any] = {"seed": 0, "width": 0, "height": 0, "mask_area": 0, "instances": 0, "clip_score": 0.0}
+_DEFAULTS["node"] = ""
 _DEFAULTS.update({c: [] for c in JSON_COLUMNS})
 
 
@@ -81,31 +84,30 @@ def label_map(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 class Writer:
-    """Write ``images/<id>.png`` (alpha restored) and ``masks/<id>.png``, then reduce to manifest columns.
+    """Write ``images/<name>.<ext>`` (alpha restored) and ``masks/<name>.png``, then reduce to manifest columns.
 
-    Batch in:  every column of the earlier stages
+    Batch in:  every column of the earlier stages; ``name`` (the output name from the input's path, see
+               ``io.output_names``) when ``write.naming`` is ``input``
     Batch out: MANIFEST_COLUMNS (lists and arrays as JSON strings) + t_<stage>_ms
-    Output names derive from the row id and writes go through a temporary name, so a retried task
-    rewrites the same bytes to the same names instead of producing a second copy.
+    Output names derive from the input path (or the row id) and writes go through a temporary name, so a
+    retried task rewrites the same bytes to the same names instead of producing a second copy.
     """
 
     stage = "write"
 
-    def __init__(self, output: str, png_text: dict[str, str] | None = None, mode: str = "edit"):
+    def __init__(
+        self, output: str, png_text: dict[str, str] | None = None, mode: str = "edit", write: WriteSpec | None = None
+    ):
         self.output = output
         self.png_text = dict(png_text or {})
         self.mode = mode
+        self.write = write or WriteSpec()
+
+    def _name(self, batch: Batch, i: int) -> str:
+        if self.write.naming == "input" and "name" in batch and batch["name"][i]:
+            return utf8_safe(str(batch["name"][i]))
+        return batch["id"][i]
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["id"])
@@ -121,7 +123,7 @@ class Writer:
         for col in MANIFEST_COLUMNS:
             values = batch[col] if col in batch else [_DEFAULTS.get(col, "")] * n
             slim[col] = (
-                [json.dumps(_jsonable(v)) for v in values] if col in JSON_COLUMNS else [utf8_safe(v) for v in values]
+                [json.dumps(jsonable(v)) for v in values] if col in JSON_COLUMNS else [utf8_safe(v) for v in values]
             )
         for stage in TIMING_STAGES:
             slim[f"t_{stage}_ms"] = [float(x) for x in batch.get(f"t_{stage}_ms", [0.0] * n)]
@@ -138,18 +140,28 @@ class Writer:
         if prompts is not None:
             text["promptpaint:edit_prompts"] = json.dumps(list(prompts[i]))
         folder = "rejected" if batch["status"][i] == "qc_failed" else "images"
-        img_uri = join(self.output, folder, f"{row_id}.png")
-        msk_uri = join(self.output, "masks", f"{row_id}.png")
-        atomic_write(img_uri, encode_png(batch["edited"][i], alpha if alpha.size else None, text))
-        atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i])))
+        name, w = self._name(batch, i), self.write
+        img_uri = join(self.output, folder, name + IMAGE_SUFFIX[w.format])
+        msk_uri = join(self.output, "masks", f"{name}.png")
+        data = encode_image(
+            batch["edited"][i],
+            alpha if alpha.size else None,
+            text,
+            w.format,
+            w.quality,
+            w.lossless,
+            w.png_compress_level,
+        )
+        atomic_write(img_uri, data)
+        atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i]), w.png_compress_level))
         batch["output_path"][i], batch["mask_path"][i] = img_uri, msk_uri
         if not batch["status"][i]:
             batch["status"][i] = "edited"
 
     def _segmented(self, batch: Batch, i: int) -> None:
         masks = np.asarray(batch["masks"][i], bool)
-        msk_uri = join(self.output, "masks", f"{batch['id'][i]}.png")
-        atomic_write(msk_uri, encode_mask_png(label_map(masks)))
+        msk_uri = join(self.output, "masks", f"{self._name(batch, i)}.png")
+        atomic_write(msk_uri, encode_mask_png(label_map(masks), self.write.png_compress_level))
         rles = ensure_column(batch, "rles", list)
         rles[i] = [encode_rle(m) for m in masks]
         ensure_column(batch, "mask_area", lambda: 0)[i] = int(masks.any(0).sum()) if len(masks) else 0

@@ -1,28 +1,30 @@
 """The bulk job: read -> detect -> segment -> mask -> inpaint [-> score] -> write, on Ray Data or in a loop.
 
-``mode: detect`` stops after detect and ``mode: segment`` after segment (each then exports COCO JSON).
+``promptpaint.jobs.plan`` decides (purely) which stages fuse, the rows per block and per model call, the
+pools and each actor's resources; this module runs that plan. Both executors consume the same plan: the
+local loop runs one ``Chain`` over blocks of ``block_rows`` inputs, Ray Data runs one Chain per group over
+blocks of the same size, and every Chain splits a block into each stage's own batch size. So both make
+the same model calls on the same rows, and write the same bytes.
 
-Stages that share a device run *fused* in one process (a ``Chain``): on CPU the whole pipeline is
-one actor pool, on GPU the model stages share a GPU actor while reading and writing run as CPU
-tasks. Separate pools per stage (``runtime.fuse: none``) only pay off when stages get their own
-GPUs: every hand-off serializes a batch of images. The driver only receives small manifest rows.
+The driver lists the inputs, chooses output names, receives slim manifest rows only (never images), adds
+the run-level columns (models, spec fields, lineage), writes manifest parts as rows arrive, and stops the
+job when too many rows fail in a model stage or in our own code (``limits.max_error_rate``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from promptpaint import coco, manifest
-from promptpaint.actors.common import Batch, as_lists, to_numpy_batch
+from promptpaint.actors.common import Batch, as_lists, concat_batches, split_batch, to_numpy_batch
 from promptpaint.actors.detector import Detector
 from promptpaint.actors.inpainter import Inpainter
 from promptpaint.actors.maskops import MaskOps
@@ -31,19 +33,30 @@ from promptpaint.actors.reader import Reader
 from promptpaint.actors.scorer import Scorer
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
-from promptpaint.config import EditSpec, SpecError
-from promptpaint.io import expand_input, remove_temp_files
+from promptpaint.config import EditSpec
+from promptpaint.io import expand_input, input_root, output_names, remove_temp_files
+from promptpaint.jobs.plan import MODEL_STAGES, ClusterShape, Plan, format_plan, plan
 from promptpaint.lineage import Lineage, job_name, running_stats
-from promptpaint.models import ModelNotAvailable, check_task, get_entry, is_available, resolve_source, source_label
+from promptpaint.models import (
+    ModelNotAvailable,
+    get_entry,
+    is_available,
+    resolve_source,
+    source_label,
+    weights_fingerprint,
+)
 
-MODEL_STAGES = ("detect", "segment", "inpaint", "score")
+__all__ = ["Chain", "JobFailed", "JobResult", "RayJobError", "describe_plan", "format_summary", "prepare", "run_job"]
+
+# Error kinds the breaker counts: a broken stage, not a bad input file.
+BREAKER_KINDS = ("model_error", "internal_error")
 
 
 @dataclass
 class StageContext:
     """What a stage needs beyond the spec: the ids to skip and the PNG text to stamp."""
 
-    done_ids: frozenset[str] = frozenset()
+    done_ids: frozenset[Any] = frozenset()
     png_text: dict[str, str] = field(default_factory=dict)
 
 
@@ -56,113 +69,61 @@ STAGE_BUILDERS: dict[str, Callable[[EditSpec, StageContext], Callable[[Batch], B
     "mask": lambda s, c: MaskOps(s.mask, s.edit_prompts()),
     "inpaint": lambda s, c: Inpainter(s.inpaint, s.runtime, s.models_dir, s.mode, s.detect.texts),
     "score": lambda s, c: Scorer(s.qc, s.runtime, s.models_dir),
-    "write": lambda s, c: Writer(s.output, c.png_text, s.mode),
+    "write": lambda s, c: Writer(s.output, c.png_text, s.mode, s.write),
 }
 
 
-def with_prompts(spec: EditSpec, stages: list[str]) -> list[str]:
-    """``stages`` with ``prompts`` (sidecar SAM prompts) right before ``detect`` when segment.points_file is set.
-
-    ``prompts`` is not in ``config.STAGES``: it always runs fused with ``detect`` (or after ``read`` in
-    the all-in-one actor), so it has no batch size or pool of its own.
-    """
-    if not spec.segment.points_file or "detect" not in stages or "prompts" in stages:
-        return list(stages)
-    k = stages.index("detect")
-    return [*stages[:k], "prompts", *stages[k:]]
-
-
 class Chain:
-    """Several stages in one process, run back to back on each batch (stage fusion).
+    """Several stages in one process, run back to back on each block (stage fusion).
 
-    Loads every model once in ``__init__``; ``__call__`` takes a Ray numpy batch or a dict of lists.
+    Loads every model once in ``__init__``. ``__call__`` takes a block (a Ray numpy batch or a dict of
+    lists) and runs each stage on slices of ``stage_batch[stage]`` rows (the whole block for stages
+    without a batch size), so a block makes the same model calls whichever process runs which stages.
     """
 
     def __init__(
         self,
         spec: EditSpec,
-        stages: list[str],
+        stages: list[str] | tuple[str, ...],
         ctx: StageContext | None = None,
+        stage_batch: dict[str, int] | None = None,
         num_threads: int | None = None,
-        numpy_out: bool = False,
+        handoff: bool = False,
     ):
         if num_threads:
             import torch
 
             torch.set_num_threads(num_threads)  # torch threads = the CPUs this actor was given
         ctx = ctx or StageContext()
-        self.stages = [STAGE_BUILDERS[name](spec, ctx) for name in stages]
-        self.numpy_out = numpy_out
-        self.models = {
-            st.stage: {
-                "name": st.loaded.entry.name,
-                "source": st.loaded.source,
-                "revision": st.loaded.revision,
-            }
-            for st in self.stages
-            if hasattr(st, "loaded")
-        }
+        self.names = list(stages)
+        self.stages = [STAGE_BUILDERS[name](spec, ctx) for name in self.names]
+        self.stage_batch = dict(stage_batch or {})
+        self.handoff = handoff
+        self.node = ""  # set by the Ray executor: the node this process runs on (a manifest column)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         b = as_lists(batch)
-        for st in self.stages:
-            b = st(b)
-        if self.models:  # merge with what upstream chains recorded
-            n = len(b["id"])
-            prev = [json.loads(x) if x else {} for x in b.get("models", [""] * n)]
-            b["models"] = [json.dumps({**p, **self.models}, sort_keys=True) for p in prev]
-        return to_numpy_batch(b) if self.numpy_out else b
+        for name, st in zip(self.names, self.stages, strict=True):
+            size = self.stage_batch.get(name)
+            b = st(b) if not size else concat_batches([st(part) for part in split_batch(b, size)])
+        if self.node:
+            b["node"] = [self.node] * len(b["id"])
+        return to_numpy_batch(b, handoff=self.handoff) if self.handoff else b
 
 
-def run_cpu_group(batch: dict[str, Any], spec: EditSpec, stages: list[str], ctx: StageContext) -> Any:
-    """Stateless CPU stages as Ray tasks (their constructors are trivial)."""
-    return Chain(spec, stages, ctx, numpy_out=True)(batch)
+class RayChain(Chain):
+    """A Chain in a Ray actor or task: records the node it runs on in every row it passes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
 
 
-@dataclass
-class Group:
-    """Consecutive stages fused into one Ray Data operator."""
-
-    stages: list[str]
-    batch_size: int
-    pool: int
-    num_cpus: float
-    num_gpus: float
-
-    @property
-    def uses_model(self) -> bool:
-        return any(s in MODEL_STAGES for s in self.stages)
-
-
-def plan_groups(spec: EditSpec, device_type: str, total_cpus: float) -> list[Group]:
-    """Decide which stages fuse, and each group's pool, batch size and resources."""
-    rt = spec.runtime
-    fuse = rt.fuse
-    if fuse == "auto":
-        fuse = "all" if device_type == "cpu" else "models"
-    stages = spec.stages()
-    if fuse == "all":
-        parts = [stages]
-    elif fuse == "models":
-        parts = [stages[:1], stages[1:-1], stages[-1:]]  # read | every model stage and mask ops | write
-    else:
-        parts = [[s] for s in stages]
-    parts = [with_prompts(spec, p) for p in parts]
-    groups = []
-    for stages in parts:
-        models = [s for s in stages if s in MODEL_STAGES]
-        key = models[-1] if models else stages[0]
-        pool = rt.pool(key)
-        gpus = max((rt.num_gpus.get(s, 1.0 if device_type == "cuda" else 0.0) for s in models), default=0.0)
-        if models:
-            # The fused CPU actor owns the machine's cores; separate pools get a fraction so two
-            # pools on 2 cores do not wait on each other forever.
-            cpus = rt.num_cpus or (max(total_cpus / pool, 1.0) if len(parts) == 1 else 0.5)
-        else:
-            cpus = 0.5
-        batch = min((rt.batch(s) for s in models), default=rt.batch(key))
-        groups.append(Group(stages, batch, pool, cpus, gpus))
-    return groups
+def run_task_group(batch: dict[str, Any], spec: EditSpec, stages: list[str], ctx: StageContext) -> Any:
+    """Stateless CPU stages (read, write) as Ray tasks: their constructors are trivial."""
+    return Chain(spec, stages, ctx, handoff=True)(batch)
 
 
 @dataclass
@@ -179,30 +140,69 @@ class JobResult:
         return self.summary["images_per_second"]
 
 
+class JobFailed(RuntimeError):
+    """The job stopped: too many rows failed in a model stage or in promptpaint's code (exit 1)."""
+
+
+class RayJobError(RuntimeError):
+    """A Ray task of the job failed. ``str()`` is the root cause; ``detail`` is Ray's whole message.
+
+    Only text is kept: Ray's exception reaches the failed dataset's executor through its frames, and with it
+    the actor pool and every CPU it reserved; while anything holds it (a notebook's sys.last_value, a log
+    record) the next job in this process would wait for those CPUs forever.
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception under Ray's wrappers (``RayTaskError.cause``, ``__cause__``)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def _stage_of(exc: BaseException) -> str | None:
+    """The promptpaint stage module the exception went through last (``actors/inpainter.py`` -> inpainter)."""
+    tb, stage = exc.__traceback__, None
+    while tb is not None:
+        f = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/promptpaint/actors/" in f:
+            stage = f.rsplit("/", 1)[-1].removesuffix(".py")
+        tb = tb.tb_next
+    return stage
+
+
+def ray_failure(exc: BaseException) -> RayJobError:
+    root = root_cause(exc)
+    stage = _stage_of(root)
+    where = f" (in {stage})" if stage else ""
+    message = f"{type(root).__name__}: {root}".strip().splitlines()[0][:500] + where
+    return RayJobError(message, detail=f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
 MODEL_FIELDS = {"detect": "detect.model", "segment": "segment.model", "inpaint": "inpaint.model", "score": "qc.model"}
 
 
 def model_names(spec: EditSpec) -> dict[str, str]:
-    """Stage -> registry name of its model, for the stages this mode runs; SpecError (exit 2) for a name
-    that is unknown or of the wrong task, naming the spec key."""
+    """Stage -> registry name of its model, for the model stages this mode runs (validated by the spec)."""
     names = {"detect": spec.detect.model, "segment": spec.segment.model, "inpaint": spec.inpaint.model}
     names["score"] = spec.qc.model
-    out = {}
-    for stage in (s for s in spec.stages() if s in MODEL_STAGES):
-        try:
-            get_entry(names[stage])
-        except ValueError as e:  # unknown name
-            raise SpecError(f"invalid spec: {MODEL_FIELDS[stage]}: {e}") from None
-        try:
-            check_task(names[stage], stage, MODEL_FIELDS[stage])
-        except ValueError as e:  # a model of another task; the message names the key
-            raise SpecError(f"invalid spec: {e}") from None
-        out[stage] = names[stage]
-    return out
+    return {stage: names[stage] for stage in spec.stages() if stage in MODEL_STAGES}
 
 
 def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
-    """Fail before any work if a model cannot be found; returns what will be loaded from where."""
+    """Fail before any work if a model cannot be found; what will be loaded from where, and its fingerprint."""
     out = {}
     for stage, name in model_names(spec).items():
         entry = get_entry(name)
@@ -215,28 +215,64 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
                 "folder holding it, download it with network access (unset HF_HUB_OFFLINE / YOLO_OFFLINE), or run "
                 "`promptpaint models build-tiny DIR` for the random-weight test set."
             )
-        out[stage] = {"name": name, "source": source, "revision": "local" if local else entry.revision}
+        out[stage] = {
+            "name": name,
+            "source": source,
+            "revision": "local" if local else entry.revision,
+            "weights": weights_fingerprint(name, spec.models_dir),
+        }
     return out
+
+
+def local_shape() -> ClusterShape:
+    """This machine, as the local Ray (or loop) will see it."""
+    from promptpaint.jobs.ray_runtime import local_cpus, local_gpus
+
+    return ClusterShape.single(local_cpus(), local_gpus())
+
+
+@dataclass
+class Prepared:
+    spec: EditSpec  # with identity: its spec_hash covers weights and dtype
+    plan: Plan
+    models: dict[str, dict[str, str | None]]
+
+
+def prepare(spec: EditSpec, shape: ClusterShape) -> Prepared:
+    """Everything that can be wrong with a spec, found before any model work: SpecError (exit 2) or
+    ModelNotAvailable (exit 1). The returned spec's hash covers the weights and the dtype."""
+    the_plan = plan(spec, shape)  # fp16 on a CPU cluster, actors larger than any node
+    models = check_models(spec)
+    identity = {"dtype": the_plan.dtype, "weights": {s: m["weights"] for s, m in models.items()}}
+    return Prepared(spec.with_identity(identity), the_plan, models)
+
+
+# ------------------------------------------------------------------------------------------------ driver
 
 
 class _Consumer:
     """Driver side: turn slim result rows into manifest rows, count, show progress, feed lineage."""
 
-    def __init__(self, spec: EditSpec, total: int, progress: bool, lineage: Lineage):
+    def __init__(self, spec: EditSpec, models: dict[str, Any], total: int, progress: bool, lineage: Lineage):
         self.spec = spec
         self.lineage = lineage
-        self.lineage_cols = {
+        # Run-level columns: the same for every row, added here rather than carried through the batches.
+        self.run_cols: dict[str, Any] = {
+            "spec_hash": spec.spec_hash(),
             "experiment_key": lineage.key,
             "lineage_mode": lineage.mode,
             "lineage_artifact": lineage.artifact_note(),
         }
+        for stage, info in models.items():
+            self.run_cols.update({f"model.{stage}.{k}": v for k, v in info.items()})
+        self.run_cols.update({f"spec.{k}": _scalar(v) for k, v in spec.flat().items()})
         self.writer = manifest.ManifestWriter(spec.output, spec.runtime.manifest_every)
-        self.flat_spec = {f"spec.{k}": _scalar(v) for k, v in spec.flat().items()}
-        self.spec_hash = spec.spec_hash()
         self.seen: set[tuple[str, str]] = set()
         self.rows = 0
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.broken: Counter[tuple[str, str]] = Counter()  # (kind, stage) of breaker-counted errors
+        self.first_message: dict[tuple[str, str], str] = {}
         self.stage_ms: Counter[str] = Counter()
         self.bar = _progress_bar(total, progress)
 
@@ -256,6 +292,10 @@ class _Consumer:
             self.seen.add(key)
             if row["error_kind"]:
                 self.errors[row["error_kind"]] += 1
+                if row["error_kind"] in BREAKER_KINDS:
+                    k = (row["error_kind"], row["error_stage"])
+                    self.broken[k] += 1
+                    self.first_message.setdefault(k, row["error_message"].splitlines()[0][:300])
             for s in TIMING_STAGES:
                 self.stage_ms[s] += row.get(f"t_{s}_ms", 0.0)
             rows.append(self._manifest_row(row))
@@ -263,17 +303,30 @@ class _Consumer:
         self.writer.add(rows)
 
     def _manifest_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {k: row[k] for k in row if k not in ("path", "models", *JSON_COLUMNS)}
+        out = {k: row[k] for k in row if k not in ("path", *JSON_COLUMNS)}
         out["input_path"] = row["path"]
         for c in JSON_COLUMNS:
             out[c] = json.loads(row[c])
-        out["spec_hash"] = self.spec_hash
-        out.update(self.lineage_cols)
-        for stage, info in json.loads(row.get("models") or "{}").items():
-            for k, v in info.items():
-                out[f"model.{stage}.{k}"] = v
-        out.update(self.flat_spec)
+        out.update(self.run_cols)
         return out
+
+    def check_breaker(self) -> None:
+        """JobFailed when more than ``limits.max_error_rate`` of the processed rows broke in a stage."""
+        lim = self.spec.limits
+        processed = len(self.seen)
+        failed = sum(self.broken.values())
+        if (
+            lim.max_error_rate is None
+            or processed < lim.error_rate_min_rows
+            or failed <= lim.max_error_rate * processed
+        ):
+            return
+        (kind, stage), n = self.broken.most_common(1)[0]
+        raise JobFailed(
+            f"stopped: {failed} of {processed} rows failed in a stage (limits.max_error_rate="
+            f"{lim.max_error_rate:g}); most common: {kind} in stage {stage or '?'} ({n} rows): "
+            f"{self.first_message[(kind, stage)]}"
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -281,7 +334,7 @@ class _Consumer:
 
 
 def _scalar(v: Any) -> Any:
-    return json.dumps(v) if isinstance(v, (list, dict)) else v
+    return json.dumps(v) if isinstance(v, list | dict) else v
 
 
 def _py(v: Any) -> Any:
@@ -294,46 +347,41 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="promptpaint", disable=not enabled, file=sys.stderr)
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+# --------------------------------------------------------------------------------------------- executors
 
 
-def _local_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
-    chain = Chain(spec, with_prompts(spec, spec.stages()), ctx)
-    # The smallest model batch of the mode, as the fused Ray actor uses: same batches, same bytes.
-    size = min(spec.runtime.batch(s) for s in spec.stages() if s in MODEL_STAGES)
-    for chunk in _chunks(paths, size):
-        yield chain({"path": chunk})
+def _blocks(items: list[dict[str, str]], rows: int) -> list[list[dict[str, str]]]:
+    return [items[i : i + rows] for i in range(0, len(items), rows)]
 
 
-class RayJobError(RuntimeError):
-    """A Ray Data task of the job failed; the message is Ray's (the exception itself is not kept)."""
+def _local_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Batch]:
+    chain = Chain(spec, p.stages, ctx, p.stage_batch)
+    for block in _blocks(items, p.block_rows):
+        yield chain({k: [it[k] for it in block] for k in block[0]})
 
 
-def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterable[dict[str, Any]]:
+def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Any]:
     import ray
 
-    from promptpaint.jobs.ray_runtime import cluster_cpus, cluster_device, ensure_ray
-
-    ensure_ray()
-    groups = plan_groups(spec, cluster_device(spec.runtime), cluster_cpus())
-    # One block = one batch, everywhere: batch composition then never depends on timing (blocks that
+    # One block = one plan block, everywhere: batch composition then never depends on timing (blocks that
     # Ray bundles differently would change batched CPU kernels' last bits, and so the output bytes).
-    rows = min(g.batch_size for g in groups)
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / rows)))
-    for g in groups:
+    n_blocks = max(1, -(-len(items) // p.block_rows))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    for g in p.groups:
         if g.uses_model:
             ds = ds.map_batches(
-                Chain,
+                RayChain,
                 fn_constructor_kwargs={
                     "spec": spec,
-                    "stages": g.stages,
+                    "stages": list(g.stages),
                     "ctx": ctx,
-                    "num_threads": max(1, int(g.num_cpus)),
-                    "numpy_out": True,
+                    "stage_batch": p.stage_batch,
+                    "num_threads": g.threads,
+                    "handoff": True,
                 },
-                compute=ray.data.ActorPoolStrategy(size=g.pool, enable_true_multi_threading=True),
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=g.pool_min, max_size=g.pool_max, enable_true_multi_threading=True
+                ),
                 batch_size=None,  # whole blocks (see above)
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
@@ -341,52 +389,49 @@ def _ray_batches(spec: EditSpec, paths: list[str], ctx: StageContext) -> Iterabl
             )
         else:
             ds = ds.map_batches(
-                run_cpu_group,
-                fn_kwargs={"spec": spec, "stages": g.stages, "ctx": ctx},
-                batch_size=None,  # whole blocks (see above)
+                run_task_group,
+                fn_kwargs={"spec": spec, "stages": list(g.stages), "ctx": ctx},
+                batch_size=None,
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
             )
     failure = None
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    except Exception as e:
-        # Keep only the text. Ray's exception reaches the failed dataset's executor through its frames,
-        # and with it the actor pool and every CPU the pool reserved: while anything holds the exception
-        # (a notebook's sys.last_value, a log record, a retry loop) the next job in this process waits
-        # for those CPUs forever.
-        failure = f"{type(e).__name__}: {e}"
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield as_lists(batch)
+    except Exception as e:  # noqa: BLE001 - re-raised below as text (see RayJobError)
+        failure = ray_failure(e)
     if failure is not None:
-        raise RayJobError(failure)
+        raise failure
 
 
-def describe_plan(spec: EditSpec, paths: list[str], done: int) -> str:
-    from promptpaint.jobs.ray_runtime import local_cpus
-
-    model_names(spec)  # a wrong model name fails the dry run as it would fail the job
-    device = spec.runtime.resolve()[0].type if spec.runtime.device != "auto" else "auto"
-    groups = plan_groups(spec, "cpu" if device in ("auto", "cpu") else device, local_cpus())
+def describe_plan(spec: EditSpec, paths: list[str], shape: ClusterShape | None = None) -> str:
+    """``--dry-run``: what the job would do. Runs the same preflight as the job (exit 2 / 1 alike)."""
+    shape = shape or local_shape()
+    prep = prepare(spec, shape)
+    state = manifest.load_state(spec.output)
     lines = [
         f"inputs: {len(paths)} files matching {spec.input!r}",
         *[f"  {p}" for p in paths[:10]],
         *([f"  ... and {len(paths) - 10} more"] if len(paths) > 10 else []),
-        f"already in the manifest: {done} ids (skipped after hashing their bytes)",
-        f"output: {spec.output}  (spec hash {spec.spec_hash()})",
-        f"executor: {spec.runtime.executor}, fuse: {spec.runtime.fuse}",
+        f"already in the manifest: {len(state.final)} finished (skipped after hashing their bytes), "
+        f"{len(state.transient)} with transient errors (retried)",
+        f"output: {spec.output}  (spec hash {prep.spec.spec_hash()}, names: {spec.write.naming}, "
+        f"format: {spec.write.format})",
+        f"executor: {spec.runtime.executor}; cluster: "
+        + ", ".join(f"{n.cpus:g} CPU/{n.gpus:g} GPU" for n in shape.nodes),
+        *format_plan(prep.plan),
     ]
-    for g in groups:
-        lines.append(
-            f"  stage group {'+'.join(g.stages)}: pool {g.pool}, batch {g.batch_size}, "
-            f"{g.num_cpus:g} CPU, {g.num_gpus:g} GPU per worker"
-        )
+    for stage, m in prep.models.items():
+        lines.append(f"  model {stage}: {m['name']} from {m['source']} (revision {m['revision']}, {m['weights']})")
     n = len(paths)
-    calls = {s: math.ceil(n / spec.runtime.batch(s)) for s in spec.stages() if s in MODEL_STAGES}
+    calls = {s: -(-n // b) for s, b in prep.plan.stage_batch.items()}
     lines.append(
         "model calls (at most, before skipping done ids and images without detections): "
         + ", ".join(f"{s} {c} batches" for s, c in calls.items())
         + (f"; inpaint denoising steps per image: {spec.inpaint.steps}" if "inpaint" in calls else "")
     )
-    if spec.mode in coco.EXPORT_STATUSES:
+    if spec.mode_info.export:
         lines.append(f"export: {spec.output}/{coco.COCO_FILE} (COCO {spec.mode} format)")
     return "\n".join(lines)
 
@@ -400,28 +445,40 @@ def run_job(
 ) -> JobResult:
     """Run the bulk edit; returns the summary. Per-row failures are rows, not exceptions.
 
-    Inputs whose id (content hash + spec hash) is already in the manifest are skipped after reading
-    their bytes. ``incremental`` also skips input *paths* this spec already processed, unread.
-    ``on_batch`` sees each result batch (manifest columns) as it reaches the driver.
+    Inputs whose (id, path) the manifest holds with a final status are skipped after reading their bytes;
+    inputs recorded with a transient error are retried, and their new row replaces the old one.
+    ``incremental`` also skips input *paths* this spec finished, unread. ``on_batch`` sees each result batch
+    (slim columns) as it reaches the driver. Raises SpecError (bad spec, before any model work), JobFailed
+    (error-rate breaker), RayJobError (a Ray task failed), ModelNotAvailable, LineageUnavailable.
     """
     t0 = time.perf_counter()
-    # 1. Inputs, models and what is already done.
+    # 1. Inputs, the cluster, the plan and the models: every spec problem surfaces here, before model work.
     all_paths = expand_input(spec.input)
-    models = check_models(spec)
+    if spec.runtime.executor == "ray":
+        from promptpaint.jobs.ray_runtime import cluster_shape, ensure_ray
+
+        ensure_ray(spec.runtime.address)
+        shape = cluster_shape()
+    else:
+        shape = local_shape()
+    prep = prepare(spec, shape)
+    spec, the_plan, models = prep.spec, prep.plan, prep.models
     # Lineage opens before any model work: its key goes into every PNG and manifest row, and
     # lineage.require fails here, not after hours of GPU time.
     lineage = Lineage.start(spec, job_name(spec), spec_path, models)
     # (id, path) pairs, not ids: an input whose bytes equal one recorded under another path still
     # needs its own manifest row.
-    done = frozenset(manifest.done_keys(spec.output))
+    state = manifest.load_state(spec.output)
     paths = all_paths
     if incremental:
-        seen = manifest.done_paths(spec.output, spec.spec_hash())
+        seen = state.final_paths.get(spec.spec_hash(), set())
         paths = [p for p in all_paths if p not in seen]
+    names = output_names(all_paths, input_root(spec.input))
+    items = [{"path": p, "name": names[p]} for p in paths]
     manifest.clear_success(spec.output)
     remove_temp_files(spec.output)  # a killed run's half-written files; no writer of ours runs yet
     ctx = StageContext(
-        done_ids=done,
+        done_ids=frozenset(state.final),
         png_text={
             "promptpaint:spec_hash": spec.spec_hash(),
             "promptpaint:prompt": spec.inpaint.prompt,
@@ -431,22 +488,26 @@ def run_job(
         },
     )
     # 2. Stream results into the manifest as they arrive.
-    consumer = _Consumer(spec, len(paths), progress, lineage)
+    consumer = _Consumer(spec, models, len(paths), progress, lineage)
     consumer.counts["skipped"] += len(all_paths) - len(paths)
     batches = _local_batches if spec.runtime.executor == "local" else _ray_batches
     try:
-        for batch in batches(spec, paths, ctx):
-            consumer.consume(batch)
-            lineage.on_batch(running_stats(consumer.counts, consumer.errors, consumer.stage_ms, t0), consumer.rows)
-            if on_batch is not None:
-                on_batch(batch)
+        if items:
+            for batch in batches(spec, the_plan, items, ctx):
+                consumer.consume(batch)
+                lineage.on_batch(running_stats(consumer.counts, consumer.errors, consumer.stage_ms, t0), consumer.rows)
+                if on_batch is not None:
+                    on_batch(batch)
+                consumer.check_breaker()
     except BaseException as e:
         consumer.close()
         lineage.abort(f"{type(e).__name__}: {e}")
         raise
     consumer.close()
+    # An input retried after a transient error has one row: this run's.
+    superseded = manifest.supersede(spec.output, consumer.seen & state.transient, consumer.writer.written)
     export = None
-    if spec.mode in coco.EXPORT_STATUSES:  # from the whole manifest: earlier runs' rows count too
+    if spec.mode_info.export:  # from the whole manifest: earlier runs' rows count too
         export = coco.export(spec.output, spec.mode, spec.detect.texts, spec.input, spec.spec_hash())
     # 3. Summary, then _SUCCESS last.
     seconds = time.perf_counter() - t0
@@ -456,6 +517,8 @@ def run_job(
         "processed": processed,
         "counts": dict(consumer.counts),
         "errors": dict(consumer.errors),
+        "retried": len(consumer.seen & state.transient),
+        "superseded_rows": superseded,
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 3) if seconds > 0 else 0.0,
         "stage_ms_per_image": {
@@ -463,6 +526,8 @@ def run_job(
         },
         "spec_hash": spec.spec_hash(),
         "models": models,
+        "plan": format_plan(the_plan),
+        "nodes": len(shape.nodes),
         "manifest_rows_written": consumer.writer.rows,
         "mode": spec.mode,
     }
@@ -479,7 +544,9 @@ def format_summary(result: JobResult) -> str:
         f"promptpaint: {s['inputs']} inputs -> {result.output}",
         f"  {'processed':<14}{s['processed']:>8}",
     ]
-    main = {"detect": "detected", "segment": "segmented"}.get(s.get("mode", "edit"), "edited")
+    from promptpaint.config import MODE_TABLE
+
+    main = MODE_TABLE[s.get("mode", "edit")].done_status
     for status in manifest.STATUSES:
         if status == main or result.counts.get(status, 0):
             lines.append(f"  {status:<14}{result.counts.get(status, 0):>8}")
