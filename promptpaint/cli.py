@@ -77,9 +77,12 @@ def run(
             raise _fail(str(e), EXIT_FAILED) from None
         return
     try:
-        with captured(edit.output, verbose) as log:
+        preload = ("transformers", "diffusers", *(("ray", "ray.data") if edit.runtime.executor == "ray" else ()))
+        preload += ("comet_ml",) if edit.lineage.mode != "off" else ()
+        with captured(edit.output, verbose, preload) as log:
             if edit.runtime.executor == "ray":
                 ensure_ray(edit.runtime.address, verbose=verbose)
+                log.quiet()  # ray.init adds a terminal handler of its own
             result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
     except FileNotFoundError as e:
         raise _fail(f"input: {e}", EXIT_INVALID) from None
@@ -93,7 +96,7 @@ def run(
     except Exception as e:  # noqa: BLE001 - a failed job is exit 1 with the reason, never a bare traceback
         raise _fail(f"job failed: {type(e).__name__}: {e}\n(no _SUCCESS written; re-run to resume)", EXIT_FAILED) from e
     typer.echo(format_summary(result))
-    typer.echo(f"  log: {log}")
+    typer.echo(f"  log: {log.uri}")
 
 
 @app.command()

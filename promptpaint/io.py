@@ -373,8 +373,23 @@ def output_names(paths: Sequence[str], root: str) -> dict[str, str]:
     out = {}
     for p, r in rel.items():
         stem = posixpath.splitext(r)[0]
-        out[p] = r if stems[stem] > 1 or not stem else stem
+        out[p] = _fit_name(r if stems[stem] > 1 or not stem else stem)
     return out
+
+
+# A file name may hold 255 bytes; ours add an extension and atomic_write's ".<name>.tmp-<32 hex>".
+_MAX_NAME_BYTES = 180
+
+
+def _fit_name(name: str) -> str:
+    """``name`` with an over-long last component cut to a prefix plus a hash of the whole (deterministic)."""
+    folder, base = posixpath.split(name)
+    raw = base.encode("utf-8", "surrogateescape")
+    if len(raw) <= _MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    short = raw[: _MAX_NAME_BYTES - 13].decode("utf-8", "ignore")
+    return posixpath.join(folder, f"{short}~{digest}")
 
 
 def encode_mask_png(mask: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:

@@ -187,6 +187,9 @@ def timed(batch: Batch, stage: str, rows: Sequence[int]) -> Iterator[None]:
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
+_MODEL_LIBRARIES = frozenset({"torch", "transformers", "diffusers", "ultralytics", "peft", "accelerate"})
+
+
 def error_kind(exc: BaseException) -> str:
     """``internal_error`` when promptpaint's own code raised ``exc``, else ``model_error``.
 
@@ -194,6 +197,8 @@ def error_kind(exc: BaseException) -> str:
     ultralytics (a CUDA out-of-memory, a shape the model rejects) is a model error; a TypeError in a
     stage is a bug, and must not hide among model errors (the job's error-rate breaker names it).
     """
+    if isinstance(exc, MemoryError) or type(exc).__module__.split(".")[0] in _MODEL_LIBRARIES:
+        return "model_error"  # e.g. torch.OutOfMemoryError raised by a tensor op in a stage's own lines
     tb, last = exc.__traceback__, None
     while tb is not None:
         last, tb = tb, tb.tb_next

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Collection
 
 import numpy as np
@@ -11,6 +12,11 @@ from promptpaint.actors.common import Batch, ensure_column, new_rows, set_error,
 from promptpaint.actors.writer import utf8_safe
 from promptpaint.config import LimitsSpec
 from promptpaint.io import DecodeError, content_id, decode_image, read_bytes
+
+
+def _text(v: object) -> str:
+    """A path as the driver listed it: bytes (how non-UTF-8 names cross Arrow) back to str."""
+    return os.fsdecode(v) if isinstance(v, bytes) else str(v)
 
 
 class Reader:
@@ -32,10 +38,10 @@ class Reader:
         self.done_ids = done_ids
 
     def __call__(self, batch: dict[str, list]) -> Batch:
-        paths = [str(p) for p in batch["path"]]
+        paths = [_text(p) for p in batch["path"]]
         out = new_rows([""] * len(paths), paths)
         if "name" in batch:  # output names chosen by the driver (write.naming: input)
-            out["name"] = [str(x) for x in batch["name"]]
+            out["name"] = [_text(x) for x in batch["name"]]
         images = ensure_column(out, "image", lambda: np.zeros((0, 0, 3), np.uint8))
         alphas = ensure_column(out, "alpha", lambda: np.zeros((0, 0), np.uint8))
         width = ensure_column(out, "width", lambda: 0)

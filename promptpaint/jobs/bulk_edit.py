@@ -14,6 +14,7 @@ job when too many rows fail in a model stage or in our own code (``limits.max_er
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -355,18 +356,29 @@ def _blocks(items: list[dict[str, str]], rows: int) -> list[list[dict[str, str]]
 
 
 def _local_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Batch]:
-    chain = Chain(spec, p.stages, ctx, p.stage_batch)
-    for block in _blocks(items, p.block_rows):
-        yield chain({k: [it[k] for it in block] for k in block[0]})
+    import torch
+
+    before = torch.get_num_threads()
+    chain = Chain(spec, p.stages, ctx, p.stage_batch, num_threads=p.threads if p.device == "cpu" else None)
+    try:
+        for block in _blocks(items, p.block_rows):
+            yield chain({k: [it[k] for it in block] for k in block[0]})
+    finally:
+        torch.set_num_threads(before)  # the plan's thread count is the job's, not the caller's
 
 
 def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Any]:
+    import pyarrow as pa
     import ray
 
-    # One block = one plan block, everywhere: batch composition then never depends on timing (blocks that
-    # Ray bundles differently would change batched CPU kernels' last bits, and so the output bytes).
-    n_blocks = max(1, -(-len(items) // p.block_rows))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    # One Ray block = one plan block, cut exactly as the local loop cuts them: batch composition then never
+    # depends on timing or on how Ray would split a list (batched CPU kernels' last bits, and so the output
+    # bytes, depend on which rows share a call).
+    # Paths travel as bytes (os.fsencode): a non-UTF-8 file name is not an Arrow string.
+    blocks = _blocks(items, p.block_rows)
+    ds = ray.data.from_blocks(
+        [pa.table({k: pa.array([os.fsencode(it[k]) for it in b], pa.binary()) for k in b[0]}) for b in blocks]
+    )
     for g in p.groups:
         if g.uses_model:
             ds = ds.map_batches(
@@ -380,7 +392,12 @@ def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: Stag
                     "handoff": True,
                 },
                 compute=ray.data.ActorPoolStrategy(
-                    min_size=g.pool_min, max_size=g.pool_max, enable_true_multi_threading=True
+                    min_size=g.pool_min,
+                    max_size=g.pool_max,
+                    # Start as many actors as there is work for: Ray Data grows a pool only under sustained
+                    # load, and a short job on a fresh cluster would otherwise finish on one node.
+                    initial_size=max(g.pool_min, min(g.pool_max, len(blocks))),
+                    enable_true_multi_threading=True,
                 ),
                 batch_size=None,  # whole blocks (see above)
                 batch_format="numpy",
@@ -504,8 +521,14 @@ def run_job(
         lineage.abort(f"{type(e).__name__}: {e}")
         raise
     consumer.close()
-    # An input retried after a transient error has one row: this run's.
-    superseded = manifest.supersede(spec.output, consumer.seen & state.transient, consumer.writer.written)
+    # An input has one row per output: this run's replaces an earlier transient error (whose id may differ:
+    # an unreadable file's id hashes its path) and, with names from the input path, an earlier spec's row
+    # (its image file was just overwritten).
+    done_paths = {path for _, path in consumer.seen}
+    stale = state.transient | (state.final if spec.write.naming == "input" else set())
+    replaced = {k for k in stale if k[1] in done_paths} - consumer.seen
+    replaced |= consumer.seen & state.transient
+    superseded = manifest.supersede(spec.output, replaced, consumer.writer.written)
     export = None
     if spec.mode_info.export:  # from the whole manifest: earlier runs' rows count too
         export = coco.export(spec.output, spec.mode, spec.detect.texts, spec.input, spec.spec_hash())
@@ -517,7 +540,7 @@ def run_job(
         "processed": processed,
         "counts": dict(consumer.counts),
         "errors": dict(consumer.errors),
-        "retried": len(consumer.seen & state.transient),
+        "retried": len({path for _, path in state.transient} & done_paths),
         "superseded_rows": superseded,
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 3) if seconds > 0 else 0.0,

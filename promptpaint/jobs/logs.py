@@ -8,6 +8,7 @@ forwarded, see ``ray_runtime.ensure_ray``). A remote output gets its log uploade
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -22,9 +23,33 @@ CHATTY = ("ray", "ray.data", "ray.train", "transformers", "diffusers", "huggingf
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class Capture:
+    """The log file of a run; ``quiet()`` strips terminal handlers that libraries added since (``ray.init``
+    installs its own on the ``ray`` logger)."""
+
+    def __init__(self, uri: str, verbose: bool):
+        self.uri, self.verbose = uri, verbose
+
+    def quiet(self) -> None:
+        if self.verbose:
+            return
+        for name in CHATTY:
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+            lg.propagate = False
+
+
 @contextlib.contextmanager
-def captured(output: str, verbose: bool = False) -> Iterator[str]:
-    """Route library logging and warnings to a log file under ``<output>/logs/`` for the duration; yields its URI."""
+def captured(output: str, verbose: bool = False, preload: tuple[str, ...] = ()) -> Iterator[Capture]:
+    """Route library logging and warnings to a log file under ``<output>/logs/`` for the duration.
+
+    ``preload``: modules to import first, so that the handlers they install at import time are routed too.
+    """
+    for mod in preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
     name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     local_dir = local_path(join(output, "logs"))
     tmp = None
@@ -55,7 +80,9 @@ def captured(output: str, verbose: bool = False) -> Iterator[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            yield join(output, "logs", name)
+            capture = Capture(join(output, "logs", name), verbose)
+            capture.quiet()
+            yield capture
     finally:
         logging.captureWarnings(False)
         py_warnings.removeHandler(handler)

@@ -77,15 +77,11 @@ class GroupPlan:
     pool_max: int
     num_cpus: float
     num_gpus: float
+    threads: int = 1  # torch threads of an actor
 
     @property
     def uses_model(self) -> bool:
         return any(s in MODEL_STAGES for s in self.stages)
-
-    @property
-    def threads(self) -> int:
-        """torch threads of an actor: its CPUs (at least one)."""
-        return max(1, int(self.num_cpus))
 
 
 @dataclass(frozen=True)
@@ -96,6 +92,7 @@ class Plan:
     block_rows: int
     stage_batch: dict[str, int] = field(default_factory=dict)  # rows per call of each stage of the mode
     groups: tuple[GroupPlan, ...] = ()
+    threads: int = 1  # torch threads wherever a model runs on CPU (the local loop too)
 
     @property
     def stages(self) -> list[str]:
@@ -145,6 +142,12 @@ def plan(spec: EditSpec, shape: ClusterShape) -> Plan:
     parts = [with_prompts(spec, p) for p in parts]
     model_parts = [p for p in parts if any(s in MODEL_STAGES for s in p)]
 
+    # torch's CPU kernels reduce in an order that depends on the thread count, so every process that runs a
+    # model on CPU uses the same count -- the CPUs of the smallest node -- whatever its share of the CPUs:
+    # then fuse modes and executors write the same bytes. (On GPU the count only feeds the host side.)
+    cpu_threads = max(1, int(min((n.cpus for n in shape.nodes if n.cpus >= 1), default=1)))
+    if rt.num_cpus:
+        cpu_threads = max(1, int(rt.num_cpus))
     groups = []
     for part in parts:
         part_models = [s for s in part if s in MODEL_STAGES]
@@ -164,8 +167,9 @@ def plan(spec: EditSpec, shape: ClusterShape) -> Plan:
             lo = hi = max(pinned)
         else:
             lo, hi = 1, max(1, fit // len(model_parts))
-        groups.append(GroupPlan(tuple(part), lo, hi, cpus, gpus))
-    return Plan(device, dtype, fuse, block_rows, stage_batch, tuple(groups))
+        threads = cpu_threads if device == "cpu" else max(1, int(cpus))
+        groups.append(GroupPlan(tuple(part), lo, hi, cpus, gpus, threads))
+    return Plan(device, dtype, fuse, block_rows, stage_batch, tuple(groups), cpu_threads)
 
 
 def _actor_cpus(shape: ClusterShape, device: str, single: bool) -> float:

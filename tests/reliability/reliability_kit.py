@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 import psutil
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from promptpaint import manifest
 from promptpaint.actors.writer import utf8_safe
@@ -96,8 +97,8 @@ class Audit:
     duplicated: int  # manifest rows beyond one per input path
     unexpected: int  # manifest rows for paths that are not inputs
     edited: int  # edited rows
-    edited_ids: int  # distinct ids among them (inputs with identical bytes share an id and a file)
-    images: int  # visible files under images/
+    edited_files: int  # distinct output files among them (write.naming: id -> identical inputs share one)
+    images: int  # visible files under images/ (recursive: names keep the input's subfolders)
     masks: int
     missing_files: int  # edited rows whose image or mask is absent
     orphan_images: int  # image files no edited row names
@@ -111,7 +112,14 @@ class Audit:
 
 
 def _listing(fs: Any, folder: str) -> list[str]:
-    return fs.ls(folder, detail=False) if fs.exists(folder) else []
+    """Visible files below ``folder`` (recursive; atomic_write's hidden temp files left out)."""
+    if not fs.exists(folder):
+        return []
+    if isinstance(fs, LocalFileSystem):  # fsspec's find would cut "double::colon.png" at its "::"
+        found = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+    else:
+        found = fs.find(folder)
+    return sorted(p for p in found if not p.rsplit("/", 1)[-1].startswith("."))
 
 
 def audit(output: str, inputs: list[str]) -> Audit:
@@ -124,10 +132,9 @@ def audit(output: str, inputs: list[str]) -> Audit:
     wanted = Counter(utf8_safe(p) for p in inputs)
     seen = Counter(r["input_path"] for r in rows)
     edited = [r for r in rows if r["status"] == "edited"]
-    images = [p for p in _listing(fs, f"{root}/images") if not p.rsplit("/", 1)[-1].startswith(".")]
-    masks = [p for p in _listing(fs, f"{root}/masks") if not p.rsplit("/", 1)[-1].startswith(".")]
+    images = _listing(fs, f"{root}/images")
+    masks = _listing(fs, f"{root}/masks")
     named = {fs._strip_protocol(r["output_path"]) for r in edited}
-    edited_ids = {r["id"] for r in edited}
     missing = sum(1 for r in edited if not (fs.exists(r["output_path"]) and fs.exists(r["mask_path"])))
     temps = [p for p in fs.find(root) if ".tmp-" in p.rsplit("/", 1)[-1]] if fs.exists(root) else []
     return Audit(
@@ -137,7 +144,7 @@ def audit(output: str, inputs: list[str]) -> Audit:
         duplicated=sum(n - 1 for n in seen.values() if n > 1),
         unexpected=sum(1 for p in seen if p not in wanted),
         edited=len(edited),
-        edited_ids=len(edited_ids),
+        edited_files=len(named),
         images=len(images),
         masks=len(masks),
         missing_files=missing,
@@ -156,7 +163,7 @@ def assert_exactly_once(a: Audit, *, temp_files_allowed: bool = False) -> None:
     assert a.unexpected == 0, f"{a.unexpected} manifest rows for unknown inputs"
     assert a.rows == a.inputs
     assert set(a.statuses) <= STATUSES, a.statuses
-    assert a.images == a.edited_ids == a.masks, (a.images, a.edited_ids, a.masks)
+    assert a.images == a.edited_files == a.masks, (a.images, a.edited_files, a.masks)
     assert a.missing_files == 0 and a.orphan_images == 0
     if not temp_files_allowed:
         assert a.temp_files == 0, f"{a.temp_files} temporary files left behind"
@@ -170,9 +177,7 @@ def output_files(output: str) -> dict[str, bytes]:
     out = {}
     for sub in ("images", "masks"):
         for p in _listing(fs, f"{root}/{sub}"):
-            name = p.rsplit("/", 1)[-1]
-            if not name.startswith("."):
-                out[f"{sub}/{name}"] = fs.cat_file(p)
+            out[f"{sub}/{p[len(root) + len(sub) + 2 :]}"] = fs.cat_file(p)
     return out
 
 
