@@ -117,3 +117,37 @@ def test_fingerprint_hashes_an_ultralytics_asset_in_the_working_directory(
     (tmp_path / "mobile_sam.pt").write_bytes(b"another checkpoint")
     other = weights_fingerprint("mobile-sam", None)
     assert one.startswith("hub:ultralytics/assets/mobile_sam.pt@v8.4.0+sha256:") and one != other
+
+
+def test_owlv2_shrinks_large_images_before_its_gaussian(tiny_models) -> None:
+    """Photos >= 8x the model side are box-reduced first: close pixel values, exact box geometry."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    import ultralytics
+    from PIL import Image
+
+    from promptpaint.models import FAMILIES, load_model
+    from promptpaint.models.owl import SHRINK_TO
+
+    loaded = load_model("owlv2", str(tiny_models), torch.device("cpu"), torch.float32)
+    backend = FAMILIES["owlv2"].backend(loaded, torch.device("cpu"), torch.float32)
+    side = backend.side
+    small = np.zeros((2 * SHRINK_TO * side - 1, 4 * SHRINK_TO * side, 3), np.uint8)
+    assert backend._shrink(small)[0] is small  # under 2 x SHRINK_TO: untouched
+    bus = np.asarray(Image.open(Path(ultralytics.__file__).parent / "assets" / "bus.jpg").convert("RGB"))
+    odd = bus[:1077, :803]  # not a multiple of k: padded bottom/right
+    h, w = odd.shape[:2]
+    k = min(h, w) // (SHRINK_TO * side)
+    assert k >= 2
+    shrunk, (th, tw) = backend._shrink(odd)
+    assert shrunk.shape[:2] == (-(-h // k), -(-w // k))
+    assert th == tw == max(shrunk.shape[:2]) * k >= max(h, w)  # the padded square OWLv2's boxes are relative to
+    ip = loaded.processor.image_processor
+    padded = np.full((shrunk.shape[0] * k, shrunk.shape[1] * k, 3), 128, np.uint8)
+    padded[:h, :w] = odd
+    full = ip(images=[padded], return_tensors="pt")["pixel_values"]
+    fast = ip(images=[shrunk], return_tensors="pt")["pixel_values"]
+    levels = (full - fast).abs() * float(np.mean(ip.image_std)) * 255
+    assert float(levels.mean()) < 2.0, float(levels.mean())
