@@ -382,7 +382,9 @@ _MAX_NAME_BYTES = 180
 
 
 def _fit_name(name: str) -> str:
-    """``name`` with an over-long last component cut to a prefix plus a hash of the whole (deterministic)."""
+    """``name`` as a safe output name: "::" (fsspec's URL chaining) percent-encoded, an over-long last
+    component cut to a prefix plus a hash of the whole (deterministic)."""
+    name = name.replace("::", "%3A%3A")
     folder, base = posixpath.split(name)
     raw = base.encode("utf-8", "surrogateescape")
     if len(raw) <= _MAX_NAME_BYTES:

@@ -663,3 +663,15 @@ def test_byte_flips_only_raise_decode_error(name, flips):
 @given(st.binary(max_size=512))
 def test_random_bytes_after_png_signature(tail):
     only_decode_errors(b"\x89PNG\r\n\x1a\n" + tail)
+
+
+def test_output_names_keep_folders_and_resolve_collisions():
+    names = pio.output_names(
+        ["/r/a.jpg", "/r/a.png", "/r/s/b.jpg", "/r/double::colon.jpg", "/r/" + "x" * 250 + ".jpg"], "/r"
+    )
+    assert names["/r/a.jpg"] == "a.jpg" and names["/r/a.png"] == "a.png"  # same stem: extensions kept
+    assert names["/r/s/b.jpg"] == "s/b"
+    assert names["/r/double::colon.jpg"] == "double%3A%3Acolon"  # fsspec would read "::" as URL chaining
+    long = names["/r/" + "x" * 250 + ".jpg"]
+    assert len(long.encode()) <= 180 and long.startswith("x" * 100) and "~" in long
+    assert pio.output_names(list(reversed(list(names))), "/r") == names  # order does not matter
