@@ -61,9 +61,17 @@ def run(
         raise _fail(str(e), EXIT_INVALID) from None
 
     from promptpaint.io import expand_input
-    from promptpaint.jobs.bulk_edit import JobFailed, RayJobError, describe_plan, format_summary, run_job
+    from promptpaint.jobs.bulk_edit import (
+        JobFailed,
+        RayJobError,
+        describe_plan,
+        format_summary,
+        local_shape,
+        prepare,
+        run_job,
+    )
     from promptpaint.jobs.logs import captured
-    from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray
+    from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray, resolve_address
     from promptpaint.lineage import LineageUnavailable
     from promptpaint.models import ModelNotAvailable
 
@@ -79,6 +87,8 @@ def run(
     try:
         preload = ("transformers", "diffusers", *(("ray", "ray.data") if edit.runtime.executor == "ray" else ()))
         preload += ("comet_ml",) if edit.lineage.mode != "off" else ()
+        if edit.runtime.executor == "local" or resolve_address(edit.runtime.address) is None:
+            prepare(edit, local_shape())  # this machine runs it: every spec problem before Ray starts
         with captured(edit.output, verbose, preload) as log:
             if edit.runtime.executor == "ray":
                 ensure_ray(edit.runtime.address, verbose=verbose)
