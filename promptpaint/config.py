@@ -429,7 +429,9 @@ class WriteSpec(_Section):
     )
     quality: int = Field(95, ge=1, le=100, description="jpeg / lossy webp quality")
     lossless: bool = Field(True, description="webp: lossless (default) or lossy at `quality`")
-    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG images and masks")
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level of PNG images (1: measured 3.6x faster than 6, 10 % larger)"
+    )
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ class Writer:
             w.png_compress_level,
         )
         atomic_write(img_uri, data)
-        atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i]), w.png_compress_level))
+        atomic_write(msk_uri, encode_mask_png(blend_to_mask_png(batch["blend"][i])))
         batch["output_path"][i], batch["mask_path"][i] = img_uri, msk_uri
         if not batch["status"][i]:
             batch["status"][i] = "edited"
@@ -161,7 +161,7 @@ class Writer:
     def _segmented(self, batch: Batch, i: int) -> None:
         masks = np.asarray(batch["masks"][i], bool)
         msk_uri = join(self.output, "masks", f"{self._name(batch, i)}.png")
-        atomic_write(msk_uri, encode_mask_png(label_map(masks), self.write.png_compress_level))
+        atomic_write(msk_uri, encode_mask_png(label_map(masks)))
         rles = ensure_column(batch, "rles", list)
         rles[i] = [encode_rle(m) for m in masks]
         ensure_column(batch, "mask_area", lambda: 0)[i] = int(masks.any(0).sum()) if len(masks) else 0
