@@ -105,12 +105,6 @@ def read_manifest(output: str, columns: list[str] | None = None, latest: bool = 
     return table if columns is None else table.select(columns)
 
 
-def done_ids(output: str) -> set[str]:
-    """Ids already in the manifest."""
-    table = read_manifest(output, columns=["id"])
-    return set() if table is None else set(table.column("id").to_pylist())
-
-
 def combine(uris: list[str]) -> bytes | None:
     """Several manifest parts as one Parquet file's bytes (None when there are none)."""
     if not uris:
@@ -146,17 +140,6 @@ def load_state(output: str) -> ManifestState:
         else:
             state.transient.add((row_id, path))
     return state
-
-
-def done_keys(output: str) -> set[tuple[str, str]]:
-    """(id, input path) pairs a re-run skips: rows with a final status. Skip by these, not by id alone: two
-    inputs with identical bytes share an id, and a run that recorded one of them must not skip the other."""
-    return load_state(output).final
-
-
-def done_paths(output: str, spec_hash: str) -> set[str]:
-    """Input paths this spec finished (for ``--incremental``: skip them unread)."""
-    return load_state(output).final_paths.get(spec_hash, set())
 
 
 def supersede(output: str, keys: set[tuple[str, str]], keep: Iterable[str]) -> int:

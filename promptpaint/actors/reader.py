@@ -26,7 +26,7 @@ class Reader:
     Batch out: id, path, status, error_*, image (H, W, 3) uint8, alpha (H, W) uint8 or (0, 0) when the
                input has no transparency, width, height.
     An input whose id -- or (id, path) pair -- is in ``done_ids`` gets status ``skipped`` and is not
-    decoded. Pass pairs (``manifest.done_keys``): with bare ids, an input whose bytes equal an input
+    decoded. Pass pairs (``manifest.load_state(output).final``): with bare ids, an input whose bytes equal an input
     already recorded under another path is skipped without ever getting a manifest row of its own.
     """
 

@@ -192,9 +192,6 @@ def ray_failure(exc: BaseException) -> RayJobError:
 # ---------------------------------------------------------------------------------------------- preflight
 
 
-MODEL_FIELDS = {"detect": "detect.model", "segment": "segment.model", "inpaint": "inpaint.model", "score": "qc.model"}
-
-
 def model_names(spec: EditSpec) -> dict[str, str]:
     """Stage -> registry name of its model, for the model stages this mode runs (validated by the spec)."""
     names = {"detect": spec.detect.model, "segment": spec.segment.model, "inpaint": spec.inpaint.model}

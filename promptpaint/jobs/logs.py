@@ -65,10 +65,6 @@ def captured(output: str, verbose: bool = False, preload: tuple[str, ...] = ()) 
     for logger_name in CHATTY:
         lg = logging.getLogger(logger_name)
         saved.append((lg, list(lg.handlers), lg.propagate, lg.level))
-        if not verbose:
-            for h in list(lg.handlers):
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    lg.removeHandler(h)
         lg.addHandler(handler)
         lg.propagate = verbose
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
