@@ -110,6 +110,61 @@ def run(
 
 
 @app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="training spec YAML (see examples/dreambooth.yaml)")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: key.path=value (YAML scalar)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show workers, images, steps and memory; train nothing")
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join [default: RAY_ADDRESS, else a new local Ray]"),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show library and Ray logs")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """DreamBooth-LoRA fine-tuning on Ray Train; re-running the same command resumes from the last checkpoint.
+
+    Writes OUTPUT/pytorch_lora_weights.safetensors (load it with `--lora OUTPUT`, `inpaint.lora`, or diffusers'
+    `pipe.load_lora_weights(OUTPUT)`), a model card (README.md), train.yaml and training.json.
+    """
+    from promptpaint.config import load_train_spec
+
+    try:
+        job = load_train_spec(spec, [*(set_ or []), *([f"runtime.address={address}"] if address else [])])
+    except SpecError as e:
+        raise _fail(str(e), EXIT_INVALID) from None
+
+    from promptpaint.jobs.logs import captured
+    from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray
+    from promptpaint.lineage import LineageUnavailable
+    from promptpaint.models import ModelNotAvailable
+    from promptpaint.training.job import TrainingFailed, describe_training, format_summary, run_training
+
+    if dry_run:
+        try:
+            typer.echo(describe_training(job))
+        except SpecError as e:
+            raise _fail(str(e), EXIT_INVALID) from None
+        return
+    try:
+        with captured(job.output, verbose, ("transformers", "diffusers", "ray", "ray.train", "comet_ml")) as log:
+            ensure_ray(job.runtime.address, verbose=verbose)
+            log.quiet()
+            result = run_training(job, progress=progress, spec_path=str(spec))
+    except SpecError as e:
+        raise _fail(str(e), EXIT_INVALID) from None
+    except (TrainingFailed, RayUnavailable, ModelNotAvailable, LineageUnavailable) as e:
+        raise _fail(f"{e}\n(re-run the same command to resume from the last checkpoint)", EXIT_FAILED) from None
+    except Exception as e:  # noqa: BLE001 - exit 1 with the reason, never a bare traceback
+        raise _fail(f"training failed: {type(e).__name__}: {e}", EXIT_FAILED) from e
+    typer.echo(format_summary(result))
+    typer.echo(f"  log: {log.uri}")
+
+
+@app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts (quote each)")],
     out: Annotated[str, typer.Option("--out", help="output folder (or fsspec URI) for <id>.png + generate.jsonl")],
@@ -125,6 +180,13 @@ def generate(
     height: Annotated[int | None, typer.Option(help="multiple of 8 [default: the model's native size]")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="negative prompt for every image")] = None,
     batch: Annotated[int | None, typer.Option(help="images per pipeline call [default: 4]")] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="LoRA to apply: a `promptpaint train` output folder or .safetensors (repeatable)"),
+    ] = None,
+    lora_scale: Annotated[
+        list[float] | None, typer.Option("--lora-scale", help="scale of each --lora, in order [default: 1.0]")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
@@ -143,6 +205,11 @@ def generate(
     given = dict(model=model, seed=seed, steps=steps, guidance_scale=guidance, width=width, height=height)
     given.update(negative_prompt=negative, batch=batch)
     try:
+        scales = list(lora_scale or [])
+        if len(scales) > len(lora or []):
+            raise SpecError(f"--lora-scale given {len(scales)} times for {len(lora or [])} --lora")
+        if lora:
+            given["lora"] = [{"path": p, "scale": scales[k] if k < len(scales) else 1.0} for k, p in enumerate(lora)]
         spec = build_spec(GenerateSpec, {k: v for k, v in given.items() if v is not None}, source="arguments")
         runtime = build_spec(RuntimeSpec, {"device": device, "dtype": dtype}, source="arguments")
         runtime.resolve()
@@ -157,7 +224,9 @@ def generate(
 
         check_task(spec.model, "generate")
     except (SpecError, ValueError) as e:
-        raise _fail(str(e).replace("generate.model=", "--model "), EXIT_INVALID) from None
+        raise _fail(
+            str(e).replace("generate.model=", "--model ").replace("generate.lora", "--lora"), EXIT_INVALID
+        ) from None
 
     from promptpaint.jobs.generate import format_summary, run_generate
     from promptpaint.models import ModelNotAvailable

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -207,6 +208,46 @@ class MaskSpec(_Section):
     min_area: int = Field(64, ge=0)
 
 
+class LoraRef(_Section):
+    """One LoRA to apply: a ``promptpaint train`` output folder (or a .safetensors file, local or URI) and its scale.
+
+    Written as a plain string when the scale is 1 (``lora: [runs/sks-dog]``).
+    """
+
+    path: str
+    scale: float = Field(1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a LoRA path must be a non-empty string")
+        return v.strip()
+
+
+def _check_loras(loras: list[LoraRef], model: str, field_name: str) -> None:
+    """Each LoRA exists, is a safetensors file and fits ``model``'s architecture (header only, no torch)."""
+    from promptpaint.lora import LoraError, check_lora
+
+    for k, ref in enumerate(loras):
+        try:
+            check_lora(ref.path, model, f"{field_name}[{k}]")
+        except LoraError as e:
+            raise ValueError(str(e)) from None
+
+
+def _drop_empty_lora(data: Any) -> Any:
+    # Specs without LoRAs serialize (and hash) exactly as before LoRAs existed: their ids stay valid.
+    if isinstance(data, dict) and not data.get("lora"):
+        data.pop("lora", None)
+    return data
+
+
 class InpaintSpec(_Section):
     model: str = "sd15-inpaint"
     prompt: str = "a red vintage bicycle"
@@ -226,10 +267,24 @@ class InpaintSpec(_Section):
         ),
     )
 
+    lora: list[LoraRef] = Field(
+        default_factory=list,
+        description="LoRAs applied to the inpainting pipeline: [{path, scale}] (a `promptpaint train` output folder)",
+    )
+
     @field_validator("model")
     @classmethod
     def _inpaint_model(cls, v: str) -> str:
         return _registry_model(v, "inpaint", "inpaint.model")
+
+    @model_validator(mode="after")
+    def _loras_fit(self) -> InpaintSpec:
+        _check_loras(self.lora, self.model, "inpaint.lora")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> Any:
+        return _drop_empty_lora(handler(self))
 
     @field_validator("resolution")
     @classmethod
@@ -251,6 +306,16 @@ class GenerateSpec(_Section):
     width: int | None = Field(None, ge=8, le=4096, description="None = the model's native size")
     height: int | None = Field(None, ge=8, le=4096, description="None = the model's native size")
     batch: int = Field(4, ge=1, le=256, description="rows per pipeline call")
+    lora: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the pipeline: [{path, scale}]")
+
+    @model_validator(mode="after")
+    def _loras_fit(self) -> GenerateSpec:
+        _check_loras(self.lora, self.model, "generate.lora")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> Any:
+        return _drop_empty_lora(handler(self))
 
     @field_validator("width", "height")
     @classmethod
@@ -590,6 +655,215 @@ class EditSpec(_Section):
         return out
 
 
+# ------------------------------------------------------------------------------------------------- training
+
+TRAINABLE_FAMILIES = ("sd", "sd-inpaint", "sdxl", "sdxl-inpaint")
+
+
+class LoraTrainSpec(_Section):
+    """The LoRA adapters ``promptpaint train`` adds (peft ``LoraConfig``)."""
+
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; None = rank (scale 1, as diffusers' script)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        description="UNet modules that get adapters (its attention projections)",
+    )
+    text_encoder: bool = Field(False, description="also train adapters on the text encoder(s)")
+    text_encoder_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+    @field_validator("target_modules", "text_encoder_modules")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v or not all(isinstance(m, str) and m.strip() for m in v):
+            raise ValueError("name at least one module (e.g. to_q)")
+        return v
+
+
+class TrainSpec(_Section):
+    """DreamBooth-LoRA fine-tuning: what to learn, how, and on how many workers."""
+
+    model: str = Field("sd15", description="base model (registry: sd15, sdxl, sd15-inpaint, sd2-inpaint, sdxl-inpaint)")
+    instance_data: str = Field(..., description="folder or URI of 3-20 photos of the subject")
+    instance_prompt: str = Field("a photo of sks dog", description="prompt with the subject's token")
+    class_prompt: str = Field("a photo of a dog", description="the subject's class, without the token")
+    prior_preservation: bool = Field(True, description="also train on generated class images (prior-preservation loss)")
+    num_class_images: int = Field(100, ge=1, le=100_000)
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    class_model: str | None = Field(
+        None, description="text-to-image model for the class images; None = the base (or its text-to-image twin)"
+    )
+    class_steps: int = Field(30, ge=1, le=1000, description="denoising steps per class image")
+    resolution: int | None = Field(None, ge=8, le=4096, description="training side (multiple of 8); None = the model's")
+    center_crop: bool = Field(True, description="centre crop (else random crop) to a square after resizing")
+    random_flip: bool = True
+    masks: Literal["random", "auto"] = Field(
+        "random",
+        description=(
+            "inpainting bases: random = random rectangles/ellipses; auto = the subject's own mask from promptpaint's "
+            "detect -> segment stages on the instance photos (the query is mask_query)"
+        ),
+    )
+    mask_query: str | None = Field(None, description="masks: auto query; None = the class prompt's last word")
+    mask_threshold: float = Field(0.1, ge=0.0, le=1.0, description="masks: auto detection threshold")
+    mask_detect_model: str = Field("owlv2", description="masks: auto detector")
+    mask_segment_model: str = Field("sam", description="masks: auto segmenter")
+    class_data: str | None = Field(
+        None, description="class-image cache folder (shared across runs); None = <storage_path>/class_images"
+    )
+    lora: LoraTrainSpec = Field(default_factory=LoraTrainSpec)
+    learning_rate: float = Field(1e-4, gt=0.0, lt=1.0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(400, ge=1, le=10_000_000, description="optimizer steps")
+    batch_size: int = Field(1, ge=1, le=256, description="instance images per worker per micro-step")
+    gradient_accumulation: int = Field(1, ge=1, le=1024)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto = fp16 on GPU, none on CPU; LoRA parameters always stay fp32"
+    )
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR loss weighting (5.0 is the paper's); None = off")
+    seed: int = Field(0, ge=0, lt=2**31)
+    checkpoint_every: int = Field(100, ge=1, description="report a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray keeps (the newest)")
+    validation_prompts: list[str] = Field(default_factory=list)
+    validation_every: int = Field(100, ge=1, description="validation images every N steps (and at the end)")
+    validation_steps: int = Field(25, ge=1, le=1000, description="denoising steps of a validation image")
+    num_workers: int = Field(1, ge=1, le=4096, description="data-parallel workers (one GPU each with use_gpu)")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
+    storage_path: str | None = Field(None, description="Ray Train storage (checkpoints); None = <output>/ray")
+    run_name: str | None = Field(None, description="Ray Train run name; None = the output folder's name")
+
+    @field_validator("model")
+    @classmethod
+    def _trainable(cls, v: str) -> str:
+        from promptpaint.models.registry import MODELS
+
+        entry = MODELS.get(v)
+        if entry is None or entry.family not in TRAINABLE_FAMILIES:
+            known = sorted(n for n, e in MODELS.items() if e.family in TRAINABLE_FAMILIES)
+            raise ValueError(f"{v!r} is not a trainable diffusion model; pick one of: {', '.join(known)}")
+        return v
+
+    @field_validator("class_model")
+    @classmethod
+    def _class_model(cls, v: str | None) -> str | None:
+        return None if v is None else _registry_model(v, "generate", "train.class_model")
+
+    @field_validator("mask_detect_model")
+    @classmethod
+    def _mask_detect(cls, v: str) -> str:
+        return _registry_model(v, "detect", "train.mask_detect_model")
+
+    @field_validator("mask_segment_model")
+    @classmethod
+    def _mask_segment(cls, v: str) -> str:
+        return _registry_model(v, "segment", "train.mask_segment_model")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+    @field_validator("instance_data", "instance_prompt")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty string")
+        return v
+
+    @property
+    def inpainting(self) -> bool:
+        from promptpaint.models.registry import get_entry
+
+        return get_entry(self.model).task == "inpaint"
+
+    def resolved_class_model(self) -> str:
+        """The text-to-image model that draws the class images; SpecError when the base has none."""
+        if self.class_model:
+            return self.class_model
+        from promptpaint.models.registry import get_entry
+
+        entry = get_entry(self.model)
+        if entry.task == "generate":
+            return self.model
+        if entry.text_to_image:
+            return entry.text_to_image
+        raise SpecError(
+            f"invalid spec: train.model={self.model!r} has no text-to-image twin in the registry to draw class images; "
+            "set train.class_model, or train.prior_preservation=false"
+        )
+
+    def resolved_mask_query(self) -> str:
+        if self.mask_query:
+            return self.mask_query
+        words = re.findall(r"[\w-]+", self.class_prompt)
+        if not words:
+            raise SpecError(
+                "invalid spec: train.class_prompt has no word to use as the mask query; set train.mask_query"
+            )
+        return words[-1]
+
+
+class TrainJobSpec(_Section):
+    """``promptpaint train``'s spec: the training section, where the LoRA goes, lineage and the helper jobs' runtime."""
+
+    output: str = Field(..., description="folder for the LoRA, model card and spec (the LoRA path users load)")
+    models_dir: str | None = None
+    train: TrainSpec
+    lineage: LineageSpec = Field(default_factory=LineageSpec)
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec, description="Ray address; device/dtype/batches of the class-image and mask jobs"
+    )
+    _identity: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainJobSpec:
+        if self.models_dir is None and os.environ.get("PROMPTPAINT_MODELS_DIR"):
+            object.__setattr__(self, "models_dir", os.environ["PROMPTPAINT_MODELS_DIR"])
+        t = self.train
+        if t.masks == "auto" and not t.inpainting:
+            raise ValueError(f"train.masks=auto needs an inpainting base model; {t.model!r} is text-to-image")
+        if t.mixed_precision == "fp16" and t.use_gpu is False:
+            raise ValueError("train.mixed_precision=fp16 needs GPUs (use_gpu); use bf16 or no on CPU")
+        return self
+
+    mode: ClassVar[str] = "train"  # what Lineage tags the experiment with
+
+    @property
+    def run_name(self) -> str:
+        return self.train.run_name or (posixpath.basename(self.output.rstrip("/")) or "promptpaint-lora")
+
+    @property
+    def storage_path(self) -> str:
+        return self.train.storage_path or posixpath.join(self.output, "ray")
+
+    def with_identity(self, identity: dict[str, Any]) -> TrainJobSpec:
+        out = self.model_copy(deep=True)
+        out._identity = dict(identity)
+        return out
+
+    def spec_hash(self) -> str:
+        """Everything that changes the trained LoRA: the train section (minus where it is stored) and the weights."""
+        data = self.train.model_dump(mode="json", exclude={"storage_path", "run_name", "num_workers", "use_gpu"})
+        data["num_workers"] = self.train.num_workers  # the global batch, so the result, depends on it
+        blob = json.dumps({"train": data, "identity": self._identity}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        return EditSpec.flat(self)  # type: ignore[arg-type]
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], yaml-scalar(value))."""
     if "=" not in item:
@@ -633,7 +907,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
         elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
         given_s = "" if isinstance(given, dict) else f" (given {given!r})"
-        lines.append(f"  {loc}: {msg}{given_s}")
+        lines.append(f"  {msg}" if loc == "<root>" and isinstance(given, dict) else f"  {loc}: {msg}{given_s}")
     return "\n".join(lines)
 
 
@@ -677,3 +951,25 @@ def load_edit_spec(path: str | Path, overrides: list[str] | None = None) -> Edit
         seg["points_file"] = str(base / v.strip())
     data = apply_overrides(data, overrides or [])
     return build_spec(EditSpec, data, source=str(path))
+
+
+def load_train_spec(path: str | Path, overrides: list[str] | None = None) -> TrainJobSpec:
+    """Load a training spec like ``load_edit_spec``: relative paths in the file resolve against its folder."""
+    data = load_yaml(path)
+    base = Path(path).resolve().parent
+
+    def rel(v: Any) -> Any:
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v) and not v.startswith("~"):
+            return os.path.normpath(base / v)
+        return v
+
+    for key in ("output", "models_dir"):
+        if key in data:
+            data[key] = rel(data[key])
+    train = data.get("train")
+    if isinstance(train, dict):
+        for key in ("instance_data", "storage_path", "class_data"):
+            if key in train:
+                train[key] = rel(train[key])
+    data = apply_overrides(data, overrides or [])
+    return build_spec(TrainJobSpec, data, source=str(path))

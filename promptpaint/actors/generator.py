@@ -22,6 +22,7 @@ from promptpaint.actors.common import (
     timed,
 )
 from promptpaint.config import GenerateSpec, RuntimeSpec
+from promptpaint.lora import apply_loras
 from promptpaint.models import load_model, pipeline_default_resolution
 
 
@@ -48,6 +49,7 @@ class Generator:
         self.device, self.dtype = runtime.resolve()
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="generate")
         self.pipe = self.loaded.model
+        self.loras = apply_loras(self.pipe, [(r.path, r.scale) for r in spec.lora], spec.model, "generate.lora")
         native = pipeline_default_resolution(self.loaded)
         self.height, self.width = spec.height or native, spec.width or native
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from promptpaint.actors.common import Batch, active, derive_seed, ensure_column, run_with_fallback, timed
 from promptpaint.config import InpaintSpec, RuntimeSpec, default_prompt_pair
+from promptpaint.lora import apply_loras
 from promptpaint.models import load_model, pipeline_default_resolution, pipeline_size_multiple
 from promptpaint.prompting import PromptEncoder
 
@@ -100,6 +101,7 @@ class Inpainter:
         self.device, self.dtype = runtime.resolve()
         self.loaded = load_model(spec.model, models_dir, self.device, self.dtype, task="inpaint")
         self.pipe = self.loaded.model
+        self.loras = apply_loras(self.pipe, [(r.path, r.scale) for r in spec.lora], spec.model, "inpaint.lora")
         self.resolution = spec.resolution or pipeline_default_resolution(self.loaded)
         self.multiple = pipeline_size_multiple(self.loaded)
         self.encode = PromptEncoder(self.pipe, spec.prompt_weighting)  # after the pipeline is on its device

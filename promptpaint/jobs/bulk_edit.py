@@ -219,7 +219,16 @@ def check_models(spec: EditSpec) -> dict[str, dict[str, str | None]]:
             "revision": "local" if local else entry.revision,
             "weights": weights_fingerprint(name, spec.models_dir),
         }
+    if "inpaint" in out and spec.inpaint.lora:
+        out["inpaint"]["lora"] = json.dumps(lora_lineage(spec.inpaint.lora), sort_keys=True)
     return out
+
+
+def lora_lineage(loras: list[Any]) -> list[dict[str, Any]]:
+    """Per LoRA: path, content hash, scale and the training run it came from (manifest, PNG text, identity)."""
+    from promptpaint.lora import inspect_lora
+
+    return [inspect_lora(r.path).lineage(r.scale) for r in loras]
 
 
 def local_shape() -> ClusterShape:
@@ -241,7 +250,9 @@ def prepare(spec: EditSpec, shape: ClusterShape) -> Prepared:
     ModelNotAvailable (exit 1). The returned spec's hash covers the weights and the dtype."""
     the_plan = plan(spec, shape)  # fp16 on a CPU cluster, actors larger than any node
     models = check_models(spec)
-    identity = {"dtype": the_plan.dtype, "weights": {s: m["weights"] for s, m in models.items()}}
+    identity: dict[str, Any] = {"dtype": the_plan.dtype, "weights": {s: m["weights"] for s, m in models.items()}}
+    if "lora" in models.get("inpaint", {}):  # the LoRAs' content, not only their paths, shapes the outputs
+        identity["lora"] = [[x["sha256"], x["scale"]] for x in json.loads(models["inpaint"]["lora"])]
     return Prepared(spec.with_identity(identity), the_plan, models)
 
 

@@ -3,7 +3,7 @@
 The image id is a short hash of (prompt, index, seed, model), so a re-run with the same arguments writes the
 same files with the same bytes, and ``generate.jsonl`` holds one line per id (re-runs replace their lines
 instead of appending duplicates). Everything else that shaped an image (negative prompt, steps, guidance,
-size, model source and revision) is recorded in its PNG text chunks and its jsonl line.
+size, model source and revision, LoRAs with their content hash and training run) is recorded in its PNG text chunks and its jsonl line.
 """
 
 from __future__ import annotations
@@ -50,7 +50,12 @@ def settings_tag(spec: GenerateSpec, width: int, height: int) -> str:
     Part of the file name, so a re-run with other settings writes new files instead of replacing the
     earlier images, while the same (prompt, index, seed, model) still starts from the same noise.
     """
-    blob = json.dumps([spec.steps, spec.guidance_scale, width, height, spec.negative_prompt], separators=(",", ":"))
+    settings: list[Any] = [spec.steps, spec.guidance_scale, width, height, spec.negative_prompt]
+    if spec.lora:  # another LoRA (content) or scale: new files; without LoRAs the tags stay as they were
+        from promptpaint.lora import inspect_lora
+
+        settings.append([[inspect_lora(r.path).sha256, r.scale] for r in spec.lora])
+    blob = json.dumps(settings, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:8]
 
 
@@ -114,6 +119,8 @@ def run_generate(
         "width": gen.width,
         "height": gen.height,
     }
+    if gen.loras:
+        meta["lora"] = gen.loras
     tag = settings_tag(spec, gen.width, gen.height)
     result = GenerateResult()
     lines = _read_jsonl(posixpath.join(out, JSONL_NAME))
@@ -157,7 +164,10 @@ def run_generate(
 def _png_text(record: dict[str, Any]) -> dict[str, str]:
     """PNG tEXt chunks: what produced the image (``promptpaint:<key>``), read back with io.read_png_text."""
     keys = ("id", "prompt", "negative_prompt", "index", "seed", "spec_seed", "model", "source", "revision")
-    return {f"promptpaint:{k}": str(record[k]) for k in (*keys, "steps", "guidance_scale", "width", "height")}
+    text = {f"promptpaint:{k}": str(record[k]) for k in (*keys, "steps", "guidance_scale", "width", "height")}
+    if record.get("lora"):
+        text["promptpaint:lora"] = json.dumps(record["lora"], sort_keys=True)
+    return text
 
 
 def format_summary(result: GenerateResult, out: str) -> str:

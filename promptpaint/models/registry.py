@@ -42,6 +42,10 @@ class ModelEntry:
     pipeline: str | None = None  # diffusers pipeline class (diffusers families): the stage never if-chains on it
     asset: str | None = None  # ultralytics families: the .pt file released on github.com/ultralytics/assets
     asset_release: str | None = None  # ... and the release it is pinned to
+    # diffusion families: the UNet architecture a LoRA is tied to (sd1 | sd2 | sdxl); inpainting and
+    # text-to-image checkpoints of one architecture share their attention layers, so their LoRAs are interchangeable
+    arch: str | None = None
+    text_to_image: str | None = None  # inpaint entries: the registry's text-to-image model of the same architecture
 
 
 # Revisions are the hub commits pinned by several independent public projects (found via code search);
@@ -119,6 +123,8 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=512,
             description="Stable Diffusion 1.5 inpainting (9-channel UNet), 512 px",
             pipeline="StableDiffusionInpaintPipeline",
+            arch="sd1",
+            text_to_image="sd15",
         ),
         ModelEntry(
             name="sd2-inpaint",
@@ -129,6 +135,7 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=512,
             description="Stable Diffusion 2 inpainting (9-channel UNet, OpenCLIP text encoder), 512 px",
             pipeline="StableDiffusionInpaintPipeline",
+            arch="sd2",
         ),
         ModelEntry(
             name="sdxl-inpaint",
@@ -139,6 +146,8 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=1024,
             description="SDXL 1.0 inpainting 0.1 (9-channel UNet, two text encoders), 1024 px",
             pipeline="StableDiffusionXLInpaintPipeline",
+            arch="sdxl",
+            text_to_image="sdxl",
         ),
         ModelEntry(
             name="sd15",
@@ -149,6 +158,7 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=512,
             description="Stable Diffusion 1.5 text-to-image, 512 px",
             pipeline="StableDiffusionPipeline",
+            arch="sd1",
         ),
         ModelEntry(
             name="sdxl",
@@ -159,6 +169,7 @@ MODELS: dict[str, ModelEntry] = {
             default_resolution=1024,
             description="SDXL 1.0 base text-to-image (two text encoders), 1024 px",
             pipeline="StableDiffusionXLPipeline",
+            arch="sdxl",
         ),
         ModelEntry(
             name="clip",
