@@ -219,7 +219,13 @@ def test_two_gloo_workers_train_a_lora_that_diffusers_loads(reference, tiny_mode
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "a photo of sks dog" in card and "Final loss" in card and "validation/step-000006-0.png" in card
-    assert len(list((out / "comet").glob("*.zip"))) == 1  # one experiment for the run
+    archives = list((out / "comet").glob("*.zip"))
+    assert len(archives) == 1  # one experiment for the run
+    import zipfile
+
+    with zipfile.ZipFile(archives[0]) as z:
+        blob = "".join(z.read(n).decode("utf-8", "replace") for n in z.namelist() if n.endswith(".json"))
+    assert '"instance_loss"' in blob and LORA_FILE in blob  # per-step metrics and the LoRA asset
     info = inspect_lora(str(out))
     assert info.arch == "sd1" and info.run["run_name"] == "out" and info.sha256 == result.lora_sha256
     assert result.effect > 0
@@ -405,3 +411,30 @@ def test_sdxl_text_encoder_lora_on_two_workers(tiny_models, dog_photos, tmp_path
     keys = load_file(str(Path(job.output) / LORA_FILE)).keys()
     assert {k.split(".", 1)[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
     assert inspect_lora(job.output).arch == "sdxl"
+
+
+@pytest.mark.heavy
+def test_a_lora_that_changes_nothing_is_an_error(tiny_models, dog_photos, tmp_path, ray_session):
+    from promptpaint.training.job import TrainingFailed, run_training
+
+    job = _job(tmp_path / "out", tiny_models, dog_photos, learning_rate=1e-12, num_workers=1, max_steps=1,
+               checkpoint_every=1)  # fmt: skip
+    with pytest.raises(TrainingFailed, match="changes nothing"):
+        run_training(job, progress=False)
+    assert not (tmp_path / "out" / "training.json").exists()  # never reported as done
+
+
+@pytest.mark.heavy
+def test_cli_train_then_rerun_is_already_done(tiny_models, dog_photos, tmp_path):
+    from tests.test_cli import cli
+
+    spec = tmp_path / "t.yaml"
+    job = _job(tmp_path / "out", tiny_models, dog_photos, num_workers=1, max_steps=2, checkpoint_every=1)
+    spec.write_text(json.dumps(job.model_dump(mode="json")))
+    res = cli("train", str(spec), "--no-progress", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained 2 steps" in res.stdout and "reload check" in res.stdout
+    again = cli("train", str(spec), "--no-progress", timeout=600)
+    assert again.returncode == 0 and "already trained" in again.stdout
+    other = cli("train", str(spec), "--set", "train.learning_rate=0.02", "--no-progress", timeout=600)
+    assert other.returncode == 2 and "another training spec" in other.stderr

@@ -575,7 +575,10 @@ def _finish(
     )
 
 
-EFFECT_MIN = 1e-6  # max abs difference (0..1 float image) below which a LoRA "changes nothing"
+# Max |difference| (0..1 float image) below which a LoRA "changes nothing": half an 8-bit level, so no pixel of
+# the saved image would move. (Any float difference is not enough: adding ~0 through peft's layers already
+# perturbs a 2-step tiny pipeline's output by ~2e-6.)
+EFFECT_MIN = 0.5 / 255
 
 
 def _with_metadata(file: Path, meta: dict[str, Any]) -> bytes:
