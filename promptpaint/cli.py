@@ -165,6 +165,55 @@ def train(
 
 
 @app.command()
+def serve(
+    spec: Annotated[Path | None, typer.Argument(help="serve spec YAML (see examples/serve.yaml)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: key.path=value (YAML scalar)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address [default: http.host, 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [default: http.port, 8000]")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="serve without a bearer token (logs a warning); never on a network")
+    ] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join [default: a new local Ray]")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the pipeline over HTTP on Ray Serve: /v1/detect, /v1/segment, /v1/inpaint, /v1/edit, /v1/generate,
+    a playground at /. Requests need `Authorization: Bearer $PROMPTPAINT_API_TOKEN` unless --insecure."""
+    import time
+
+    from promptpaint.config import load_serve_spec
+
+    extra = [*([f"http.host={host}"] if host else []), *([f"http.port={port}"] if port else [])]
+    try:
+        spec_obj = load_serve_spec(spec, [*(set_ or []), *extra, *([f"runtime.address={address}"] if address else [])])
+        from promptpaint.serve.app import build, read_token
+
+        read_token(spec_obj, insecure)
+    except (SpecError, PermissionError, OSError) as e:
+        raise _fail(str(e), EXIT_INVALID) from None
+
+    from ray import serve as ray_serve
+
+    from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray
+
+    try:
+        ensure_ray(spec_obj.runtime.address, verbose=verbose)
+        ray_serve.start(http_options={"host": spec_obj.http.host, "port": spec_obj.http.port})
+        ray_serve.run(build(spec_obj, insecure), name="promptpaint", route_prefix="/")
+    except RayUnavailable as e:
+        raise _fail(str(e), EXIT_FAILED) from None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"serve failed: {type(e).__name__}: {e}", EXIT_FAILED) from e
+    typer.echo(f"promptpaint serving on http://{spec_obj.http.host}:{spec_obj.http.port}/  (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
+@app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts (quote each)")],
     out: Annotated[str, typer.Option("--out", help="output folder (or fsspec URI) for <id>.png + generate.jsonl")],

@@ -864,6 +864,83 @@ class TrainJobSpec(_Section):
         return EditSpec.flat(self)  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------------------------------------------- serving
+
+
+class HttpSpec(_Section):
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only behind your own network controls")
+    port: int = Field(8000, ge=1, le=65535)
+    token_file: str | None = Field(
+        None, description="file holding the bearer token; None = the PROMPTPAINT_API_TOKEN environment variable"
+    )
+    max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger requests get 413 before decoding")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty = CORS off")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429 when a model's queue is full")
+
+
+class DeploymentsSpec(_Section):
+    max_batch_size: int = Field(4, ge=1, le=256, description="requests per @serve.batch call of a model deployment")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0.0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(16, ge=1, description="queued beyond that per deployment; more get 429")
+    num_cpus: float = Field(0.5, gt=0.0, description="CPUs per model replica")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica (1 on a GPU cluster)")
+
+
+class ServeSpec(_Section):
+    """``promptpaint serve``: the pipeline as an HTTP service. Model sections give the request defaults."""
+
+    models_dir: str | None = None
+    output: str = Field("serve-output", description="where logs and the offline Comet archive go")
+    detect: DetectSpec = Field(default_factory=DetectSpec)
+    segment: SegmentSpec = Field(default_factory=SegmentSpec)
+    mask: MaskSpec = Field(default_factory=MaskSpec)
+    inpaint: InpaintSpec = Field(default_factory=InpaintSpec)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    http: HttpSpec = Field(default_factory=HttpSpec)
+    deployments: DeploymentsSpec = Field(default_factory=DeploymentsSpec)
+    lora_store: str | None = Field(None, description="folder or URI of `promptpaint train` outputs: <store>/<id>/")
+    lora_cache: int = Field(4, ge=1, le=64, description="LoRAs kept loaded per replica (LRU)")
+    lineage: LineageSpec = Field(default_factory=lambda: LineageSpec(mode="offline"))
+    sample_every: int = Field(100, ge=1, description="log 1 request in N (images included) to Comet")
+
+    @model_validator(mode="after")
+    def _env_models_dir(self) -> ServeSpec:
+        if self.models_dir is None and os.environ.get("PROMPTPAINT_MODELS_DIR"):
+            object.__setattr__(self, "models_dir", os.environ["PROMPTPAINT_MODELS_DIR"])
+        if self.deployments.min_replicas > self.deployments.max_replicas:
+            raise ValueError("deployments.min_replicas must be <= deployments.max_replicas")
+        return self
+
+    mode: ClassVar[str] = "serve"
+
+    def spec_hash(self) -> str:
+        data = self.model_dump(mode="json", include={"detect", "segment", "mask", "inpaint", "generate", "limits"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        return EditSpec.flat(self)  # type: ignore[arg-type]
+
+
+def load_serve_spec(path: str | Path | None, overrides: list[str] | None = None) -> ServeSpec:
+    """A serve spec from YAML (paths relative to the file) or the defaults, with ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = load_yaml(path)
+        base = Path(path).resolve().parent
+        for key in ("models_dir", "output", "lora_store"):
+            v = data.get(key)
+            if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v) and not v.startswith("~"):
+                data[key] = os.path.normpath(base / v)
+    data = apply_overrides(data, overrides or [])
+    return build_spec(ServeSpec, data, source=str(path or "arguments"))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], yaml-scalar(value))."""
     if "=" not in item:

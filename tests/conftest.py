@@ -41,3 +41,71 @@ def ray_session():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def make_lora(folder: Path, models: Path, model: str = "sd15", seed: int = 0, scale: float = 0.5) -> Path:
+    """A real diffusers-format LoRA without training: peft adapters with random (non-zero) up-projections,
+    exported the way ``promptpaint train`` exports (so it changes the pipeline's output)."""
+    import torch
+
+    from promptpaint.config import TrainJobSpec, build_spec
+    from promptpaint.models import load_model
+    from promptpaint.training.loop import export_lora
+    from promptpaint.training.model import LoraModel
+
+    job = build_spec(TrainJobSpec, {"output": str(folder), "train": {"model": model, "instance_data": "x", "seed": seed}})
+    pipe = load_model(model, str(models), torch.device("cpu"), torch.float32).model
+    lora = LoraModel(pipe, job.train, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_trainable():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return export_lora(lora, folder)
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_session, tiny_models, tmp_path_factory):
+    """promptpaint's Serve app on 127.0.0.1 (a free port) over the tiny models, with a token and a LoRA store
+    holding two SD 1.5 LoRAs (``dog-a``, ``dog-b``); shut down after the module (it holds CPUs)."""
+    import socket
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from promptpaint.config import ServeSpec, build_spec
+    from promptpaint.serve.app import build
+
+    tmp = tmp_path_factory.mktemp("serve")
+    store = tmp / "loras"
+    make_lora(store / "dog-a", tiny_models, seed=1)
+    make_lora(store / "dog-b", tiny_models, seed=2)
+    token = "test-token-123"
+    (tmp / "token").write_text(token)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = build_spec(
+        ServeSpec,
+        {
+            "models_dir": str(tiny_models),
+            "output": str(tmp / "out"),
+            "lora_store": str(store),
+            "lora_cache": 1,
+            "inpaint": {"steps": 2},
+            "generate": {"steps": 2},
+            "detect": {"queries": ["dog"], "threshold": 0.0},
+            "http": {"host": "127.0.0.1", "port": port, "token_file": str(tmp / "token"),
+                     "max_body_bytes": 2 * 1024 * 1024},
+            "deployments": {"num_cpus": 0.2, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+                            "max_ongoing_requests": 2, "max_queued_requests": 4},
+            "limits": {"max_pixels": 4_000_000},
+            "lineage": {"mode": "off"},
+        },
+    )  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(spec), name="promptpaint", route_prefix="/")
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", token=token, store=store, spec=spec, tmp=tmp)
+    finally:
+        serve.shutdown()

@@ -34,6 +34,13 @@ class Detector:
         self.device, self.dtype, self.loaded, self.backend = load_stage_model(
             self.stage, spec.model, runtime, models_dir
         )
+        self.configure(spec)
+
+    def configure(self, spec: DetectSpec) -> None:
+        """New queries / thresholds / top_k for the loaded model (the server sets them per request group)."""
+        if spec.model != self.spec.model:
+            raise ValueError(f"detect.model {spec.model!r} is not the loaded {self.spec.model!r}")
+        self.spec = spec
         self.queries = spec.texts
         self.thresholds = np.asarray(spec.thresholds(), np.float32)
 

@@ -9,6 +9,8 @@ same rows in the same batches give identical bytes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -52,6 +54,15 @@ class Generator:
         self.loras = apply_loras(self.pipe, [(r.path, r.scale) for r in spec.lora], spec.model, "generate.lora")
         native = pipeline_default_resolution(self.loaded)
         self.height, self.width = spec.height or native, spec.width or native
+        # diffusers' step-end callback (pipe, step, timestep, kwargs) -> kwargs: the server counts steps there and
+        # stops a cancelled request's loop (it raises)
+        self.on_step: Any = None
+
+    def configure(self, spec: GenerateSpec) -> None:
+        """Per-request settings (steps, guidance, seed, size, negative prompt) for the loaded pipeline."""
+        native = pipeline_default_resolution(self.loaded)
+        self.spec = spec.model_copy(update={"model": self.spec.model, "lora": self.spec.lora})
+        self.height, self.width = spec.height or native, spec.width or native
 
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> Batch:
@@ -78,6 +89,7 @@ class Generator:
                 guidance_scale=self.spec.guidance_scale,
                 generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
                 output_type="np",
+                **({"callback_on_step_end": self.on_step} if self.on_step else {}),
             ).images
             # 3. Attach the images; a row only gets one once the whole call succeeded.
             for i, image in zip(idx, to_uint8(out), strict=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,6 +106,12 @@ class Inpainter:
         self.resolution = spec.resolution or pipeline_default_resolution(self.loaded)
         self.multiple = pipeline_size_multiple(self.loaded)
         self.encode = PromptEncoder(self.pipe, spec.prompt_weighting)  # after the pipeline is on its device
+        self.on_step: Any = None  # diffusers step-end callback (the server: step counts, cancellation)
+
+    def configure(self, spec: InpaintSpec) -> None:
+        """Per-request settings (prompts, steps, guidance, strength, seed, padding) for the loaded pipeline; the
+        model, its LoRAs and the resolution stay as loaded (the server sets these per request group)."""
+        self.spec = spec.model_copy(update={"model": self.spec.model, "lora": self.spec.lora})
 
     def prompts(self) -> tuple[str, str]:
         """Default (prompt, negative prompt); ``remove`` paints background and negates the objects."""
@@ -157,6 +164,7 @@ class Inpainter:
                 strength=self.spec.strength,
                 generator=gens,
                 output_type="np",
+                **({"callback_on_step_end": self.on_step} if self.on_step else {}),
             ).images
             done = []
             for n, i in enumerate(idx):

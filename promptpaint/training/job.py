@@ -100,9 +100,15 @@ def plan_training(job: TrainJobSpec, shape: ClusterShape, instance_images: int) 
             f"invalid spec: train.num_workers={t.num_workers} needs {t.num_workers} GPUs; the cluster has {total_gpus}"
         )
     biggest = max(n.cpus for n in shape.nodes)
-    if not use_gpu and t.cpus_per_worker > biggest:
+    if t.cpus_per_worker > biggest:
         raise SpecError(
             f"invalid spec: train.cpus_per_worker={t.cpus_per_worker} is more than any node has ({biggest:g} CPUs)"
+        )
+    fit = sum(int(n.cpus // t.cpus_per_worker) for n in shape.nodes)
+    if t.num_workers > fit:  # Ray Train would wait for the resources forever
+        raise SpecError(
+            f"invalid spec: train.num_workers={t.num_workers} x cpus_per_worker={t.cpus_per_worker} does not fit the "
+            f"cluster's nodes (room for {fit}); lower num_workers or cpus_per_worker"
         )
     precision = t.mixed_precision
     if precision == "auto":

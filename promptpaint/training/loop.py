@@ -79,7 +79,7 @@ def train_loop(config: dict[str, Any]) -> None:
         klass = local_examples(_rows(ray.train.get_dataset_shard("class")), rank, world)
     queue = config.get("queue")
     if queue is not None:  # which examples this worker trains on (training.json, and the shard test)
-        queue.put({"rank": rank, "shard": {"instance": [e.index for e in instance], "class": [e.index for e in klass]}})
+        _send(queue, {"rank": rank, "shard": {"instance": [e.index for e in instance], "class": [e.index for e in klass]}})
     side = int(config["resolution"])
     autocast = config["precision"] != "no"
     fault = config.get("fault") or {}
@@ -87,7 +87,8 @@ def train_loop(config: dict[str, Any]) -> None:
     while step < spec.max_steps:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        inst_total = prior_total = 0.0
+        inst_sum = torch.zeros(())
+        prior_sum = torch.zeros(())
         for micro in range(spec.gradient_accumulation):
             seed = step_seed(spec.seed, rank, step, micro)
             g = torch.Generator("cpu").manual_seed(seed)
@@ -107,8 +108,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if klass:
                 prior_loss = losses[n:].mean()
                 loss = loss + spec.prior_loss_weight * prior_loss
-                prior_total += float(prior_loss) / spec.gradient_accumulation
-            inst_total += float(inst_loss) / spec.gradient_accumulation
+                prior_sum += prior_loss.detach().float().cpu() / spec.gradient_accumulation
+            inst_sum += inst_loss.detach().float().cpu() / spec.gradient_accumulation
             loss = loss / spec.gradient_accumulation
             (scaler.scale(loss) if scaler else loss).backward()
         all_reduce_mean(params, world)
@@ -122,6 +123,7 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.step()
         scheduler.step()
         step += 1
+        inst_total, prior_total = float(inst_sum), float(prior_sum)
 
         if fault.get("step") == step and rank == world - 1 and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text("injected")
@@ -142,9 +144,15 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and spec.validation_prompts and (step % spec.validation_every == 0 or last):
             images = validation_images(model, spec, side, instance)
         if rank == 0 and queue is not None:
-            queue.put({**metrics, "rank": rank, "validation": images})
+            _send(queue, {**metrics, "rank": rank, "validation": images})
         if step % spec.checkpoint_every == 0 or last:
             _report(metrics, rank, step, named, optimizer, scheduler, scaler, config, model if last else None)
+
+
+def _send(queue: Any, item: dict[str, Any]) -> None:
+    """Hand an item to the driver's queue without waiting for the round trip (calls from one worker to the
+    queue actor keep their order)."""
+    queue.actor.put_nowait.remote(item)
 
 
 def _rows(shard: Any) -> list[dict[str, Any]]:
