@@ -12,7 +12,7 @@ export COMET_DISABLE_AUTO_LOGGING := 1
 export COMET_ERROR_TRACKING_ENABLE := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-fast lint bench reliability clean
+.PHONY: setup browser demo test test-fast lint bench reliability clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,14 @@ demo: $(MODELS)/.built
 	@echo "Edited images: demo/output/images/   masks: demo/output/masks/   manifest: demo/output/manifest/"
 	@echo "(tiny random-weight models: the repainted regions are noise; the plumbing is real)"
 
-test: setup
+# The playground test (tests/test_playground.py) drives Debian's Chromium through playwright.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -155,7 +155,8 @@ class _Adapter:
         self.owner, self.name, self.lineage = owner, _adapter_name(lora_id), lineage
 
     def __del__(self) -> None:
-        owner = self.__dict__.get("owner")
+        # Serve calls this on eviction, and Python again when the object is freed: unload once.
+        owner, self.__dict__["owner"] = self.__dict__.get("owner"), None
         if owner is not None:
             owner.unload(self.name)
 
@@ -173,14 +174,25 @@ class _Diffusion(_Batched):
         self.stage = stage
         self.pipe = stage.pipe
         self.info = _model_info(stage.loaded)
-        self.cancel = threading.Event()
+        self.cancelled: set[str] = set()  # request ids whose callers went away
+        self.running: tuple[str, ...] = ()  # request ids of the model call in progress
         self.stage.on_step = self._on_step
 
     def _on_step(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.counts["steps"] += 1
-        if self.cancel.is_set():
-            raise Cancelled("every request of this batch was cancelled")
+        if self.running and self.cancelled.issuperset(self.running):
+            raise Cancelled("every request of this model call was cancelled")
         return kwargs
+
+    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One request; when its caller is cancelled (the HTTP client disconnected), its loop stops at the next
+        step once every request sharing the model call is cancelled too."""
+        try:
+            return await self.handle_batch(req)
+        except asyncio.CancelledError:
+            self.cancelled.add(req["id"])
+            self.counts["cancelled"] += 1
+            raise
 
     # -- LoRAs --------------------------------------------------------------------------------------------
     # LRU size: the spec's lora_cache, handed to the replica process as PROMPTPAINT_LORA_CACHE (deployment_options)
@@ -219,16 +231,18 @@ class _Diffusion(_Batched):
         self.pipe.set_adapters([adapter.name], adapter_weights=[scale])
         return {**adapter.lineage, "scale": scale}
 
-    async def _run_cancellable(self, fn: Any, *args: Any) -> Any:
-        self.cancel.clear()
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self.cancel.set()  # the loop raises at its next step; wait for it so the lock is free again
-            await asyncio.gather(task, return_exceptions=True)
-            self.counts["cancelled"] += 1
-            raise
+    async def _run_cancellable(self, fn: Any, reqs: list[dict[str, Any]]) -> Any:
+        ids = tuple(r["id"] for r in reqs)
+
+        def run() -> Any:
+            self.running = ids
+            try:
+                return fn(reqs)
+            finally:
+                self.running = ()
+                self.cancelled.difference_update(ids)
+
+        return await asyncio.to_thread(run)
 
 
 @serve.deployment(name="inpaint")
@@ -252,9 +266,6 @@ class InpaintModel(_Diffusion):
             for k, res in zip(idx, part, strict=True):
                 results[k] = {**res, "lora": lora}
         return results
-
-    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle_batch(req)
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self.lock:
@@ -301,9 +312,6 @@ class GenerateModel(_Diffusion):
             for k, res in zip(idx, part, strict=True):
                 results[k] = {**res, "lora": lora}
         return results
-
-    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle_batch(req)
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self.lock:

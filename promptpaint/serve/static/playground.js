@@ -55,6 +55,25 @@ async function describeError(resp) {
   return line;
 }
 
+// Lineage seeds are 63-bit integers: JSON.parse would round them to the nearest double. Integer literals of 16+
+// digits are read as BigInt when a double cannot hold them, and written back digit for digit by prettyJson().
+const BIG_INT = /"(?:[^"\\]|\\.)*"|(?<![\d.eE+-])-?\d{16,}(?![\d.eE])/g;
+const BIG_MARK = "__promptpaint_bigint__:";
+
+function parseJson(text) {
+  const marked = text.replace(BIG_INT, (m) => (m[0] === '"' ? m : `"${BIG_MARK}${m}"`));
+  return JSON.parse(marked, (_, v) => {
+    if (typeof v !== "string" || !v.startsWith(BIG_MARK)) return v;
+    const digits = v.slice(BIG_MARK.length);
+    return Number.isSafeInteger(Number(digits)) ? Number(digits) : BigInt(digits);
+  });
+}
+
+function prettyJson(value) {
+  const text = JSON.stringify(value, (_, v) => (typeof v === "bigint" ? `${BIG_MARK}${v}` : v), 2);
+  return text.replace(new RegExp(`"${BIG_MARK}(-?\\d+)"`, "g"), "$1");
+}
+
 async function api(path, form) {
   const headers = {};
   const token = $("token").value.trim();
@@ -66,7 +85,12 @@ async function api(path, form) {
     throw new ApiError(`${path}: the server did not answer (${e.message})`);
   }
   if (!resp.ok) throw new ApiError(`${path}: ${await describeError(resp)}`);
-  return resp.json();
+  const text = await resp.text();
+  try {
+    return parseJson(text);
+  } catch (e) {
+    throw new ApiError(`${path}: the answer is not JSON (${e.message}): ${text.slice(0, 200)}`);
+  }
 }
 
 // Runs one action; any failure ends up in the status line. An exclusive action (the default) disables the
@@ -379,7 +403,7 @@ function showResult(imageB64, lineage, withBefore) {
   $("compare").classList.toggle("single", !withBefore);
   if (withBefore) $("before-img").src = state.beforeUrl;
   updateSlider();
-  $("lineage").textContent = JSON.stringify(lineage ?? {}, null, 2);
+  $("lineage").textContent = prettyJson(lineage ?? {});
 }
 
 async function runEdit() {
