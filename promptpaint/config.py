@@ -908,6 +908,10 @@ class ServeSpec(_Section):
     lora_cache: int = Field(4, ge=1, le=64, description="LoRAs kept loaded per replica (LRU)")
     lineage: LineageSpec = Field(default_factory=lambda: LineageSpec(mode="offline"))
     sample_every: int = Field(100, ge=1, description="log 1 request in N (images included) to Comet")
+    max_steps: int = Field(100, ge=1, le=1000, description="most denoising steps a request may ask for (422 above)")
+    max_generate_pixels: int = Field(
+        1024 * 1024, ge=64, description="largest width x height a /v1/generate request may ask for (422 above)"
+    )
 
     @model_validator(mode="after")
     def _env_models_dir(self) -> ServeSpec:

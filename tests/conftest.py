@@ -100,7 +100,10 @@ def serve_url(ray_session, tiny_models, tmp_path_factory):
             "deployments": {"num_cpus": 0.2, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
                             "max_ongoing_requests": 2, "max_queued_requests": 4},
             "limits": {"max_pixels": 4_000_000},
-            "lineage": {"mode": "off"},
+            "lineage": {"mode": "offline", "metrics_every_s": 1.0},
+            "sample_every": 5,
+            "max_steps": 200,
+            "max_generate_pixels": 128 * 128,
         },
     )  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -109,3 +112,6 @@ def serve_url(ray_session, tiny_models, tmp_path_factory):
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", token=token, store=store, spec=spec, tmp=tmp)
     finally:
         serve.shutdown()
+    # the deployment's one Comet experiment, written as an offline archive when the ingress replica stopped
+    archives = list((tmp / "out" / "comet").glob("*.zip"))
+    assert len(archives) == 1, f"expected one offline Comet archive in {tmp / 'out' / 'comet'}, found {archives}"

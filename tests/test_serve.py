@@ -247,3 +247,31 @@ def test_no_token_needs_insecure(tiny_models, monkeypatch):
     monkeypatch.setenv("PROMPTPAINT_API_TOKEN", "abc")
     assert read_token(spec, insecure=False) == b"abc"
 
+
+
+def test_no_server_errors_for_generated_requests(serve_url):
+    """schemathesis over /openapi.json (bounded examples per operation): no 5xx for anything it sends."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{serve_url.url}/openapi.json")
+    failures: list[str] = []
+    count = 0
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        name = f"{operation.method.upper()} {operation.path}"
+
+        @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def run(case: object) -> None:
+            nonlocal count
+            count += 1
+            r = case.call(base_url=serve_url.url, headers={"Authorization": f"Bearer {serve_url.token}"},
+                          timeout=60)  # fmt: skip
+            if r.status_code >= 500:
+                failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+
+        run()
+    assert count >= 20
+    assert not failures, failures

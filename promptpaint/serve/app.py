@@ -31,6 +31,7 @@ from ray import serve
 
 from promptpaint.config import ServeSpec, load_serve_spec
 from promptpaint.io import DecodeError, decode_image, encode_png
+from promptpaint.serve.lineage import METRICS
 from promptpaint.serve.params import (
     ApiError,
     DetectParams,
@@ -87,6 +88,14 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _send_json(send, 413, {"detail": f"request body over the limit of {limit} bytes"})
         seen = 0
+        t0 = time.perf_counter()
+        status = 500
+
+        async def recorded(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
 
         async def limited() -> dict[str, Any]:
             nonlocal seen
@@ -98,9 +107,12 @@ class _Guard:
             return message
 
         try:
-            await self.inner(scope, limited, send)
+            await self.inner(scope, limited, recorded)
         except _TooLarge as e:
+            status = 413
             await _send_json(send, 413, {"detail": f"request body over the limit of {e.limit} bytes"})
+        finally:
+            METRICS.record(path, status, (time.perf_counter() - t0) * 1000)
 
 
 class _TooLarge(Exception):
@@ -151,6 +163,16 @@ def _image(spec: ServeSpec, data: bytes | None, field: str = "image") -> np.ndar
     except DecodeError as e:
         status = 413 if e.kind == "too_large" else 422
         raise ApiError(status, field, e.message, e.kind) from None
+
+
+def _check_cost(spec: ServeSpec, p: Any) -> None:
+    """Operator limits on what one request may cost: steps, generated pixels."""
+    if getattr(p, "steps", None) is not None and p.steps > spec.max_steps:
+        raise ApiError(422, "steps", f"at most {spec.max_steps} steps on this server (max_steps)", "less_than_equal")
+    w, h = getattr(p, "width", None), getattr(p, "height", None)
+    if (w or 0) * (h or 0) > spec.max_generate_pixels:
+        raise ApiError(422, "width", f"width x height over {spec.max_generate_pixels} pixels (max_generate_pixels)",
+                       "less_than_equal")  # fmt: skip
 
 
 def _request_id(*parts: Any) -> str:
@@ -234,19 +256,6 @@ def _body_schema(model: Any, images: tuple[str, ...]) -> dict[str, Any]:
                                                           "application/json": {"schema": as_json}}}}  # fmt: skip
 
 
-class _Stats:
-    """Request counts and latency per endpoint (the ingress's own view; Comet logging reads it)."""
-
-    def __init__(self, spec: ServeSpec):
-        self.spec = spec
-        self.counts: dict[str, int] = {}
-        self.latency_ms: dict[str, list[float]] = {}
-
-    def see(self, endpoint: str, t0: float) -> None:
-        self.counts[endpoint] = self.counts.get(endpoint, 0) + 1
-        self.latency_ms.setdefault(endpoint, []).append((time.perf_counter() - t0) * 1000)
-
-
 def _lora_ids(spec: ServeSpec) -> list[str]:
     """LoRA ids = folders of the LoRA store holding a LoRA file."""
     if not spec.lora_store:
@@ -277,7 +286,14 @@ class Ingress:
         this_module.SECURITY.update(token=read_token(self.spec, insecure), max_body_bytes=self.spec.http.max_body_bytes)
         self.retry = self.spec.http.retry_after_s
         self.spec_hash = self.spec.spec_hash()
-        self.stats = _Stats(self.spec)
+        from promptpaint.serve.lineage import ServeLineage
+
+        self.lineage = ServeLineage(self.spec, f"serve-{self.spec_hash}")
+
+    def __del__(self) -> None:  # Serve calls this when the replica shuts down: write the Comet archive
+        lineage = self.__dict__.get("lineage")
+        if lineage is not None:
+            lineage.close()
 
     # -- pages ---------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -306,6 +322,7 @@ class Ingress:
             "inpaint": {"name": self.spec.inpaint.model},
             "generate": {"name": self.spec.generate.model},
             "loras": _lora_ids(self.spec),
+            "lora_store": self.spec.lora_store,
             "defaults": edit_defaults(self.spec),
             "spec_hash": self.spec_hash,
         }
@@ -323,7 +340,6 @@ class Ingress:
         boxes = [{"box": [round(float(x), 2) for x in b], "score": float(s), "label": lab}
                  for b, s, lab in zip(res["boxes"], res["scores"], res["labels"], strict=True)]  # fmt: skip
         lineage = self._lineage(rid, t0, {"detect": res["model"]})
-        self.stats.see("detect", t0)
         return _respond("json", None, {"boxes": boxes, "width": image.shape[1], "height": image.shape[0],
                                         "lineage": lineage}, {})  # fmt: skip
 
@@ -342,13 +358,13 @@ class Ingress:
                   "png_b64": base64.b64encode(_mask_png(m)).decode()}
                  for m, s in zip(res["masks"], res["scores"], strict=True)]  # fmt: skip
         lineage = self._lineage(rid, t0, {"segment": res["model"]})
-        self.stats.see("segment", t0)
         return _respond("json", None, {"masks": masks, "lineage": lineage}, {})
 
     @app.post("/v1/inpaint", openapi_extra=_body_schema(InpaintParams, ("image", "mask")))
     async def v1_inpaint(self, request: Request) -> Response:
         t0 = time.perf_counter()
         p, files = await read_request(request, InpaintParams, ("image", "mask"))
+        _check_cost(self.spec, p)
         image = _image(self.spec, files.get("image"))
         mask_rgb = _image(self.spec, files.get("mask"), "mask")
         if mask_rgb.shape[:2] != image.shape[:2]:
@@ -360,7 +376,7 @@ class Ingress:
         lora = self._check_lora(p.lora)
         rid = _request_id(files["image"], files["mask"], p.model_dump(exclude={"format"}))
         res = await self._inpaint(rid, image, mask.astype(np.float32), p, lora)
-        return self._edited(rid, t0, p, res, {"inpaint": res["model"]}, mask, "inpaint")
+        return self._edited(rid, t0, p, res, {"inpaint": res["model"]}, mask, "inpaint", image)
 
     @app.post("/v1/edit", openapi_extra=_body_schema(EditParams, ("image",)))
     async def v1_edit(self, request: Request) -> Response:
@@ -368,6 +384,7 @@ class Ingress:
 
         t0 = time.perf_counter()
         p, files = await read_request(request, EditParams, ("image",))
+        _check_cost(self.spec, p)
         image = _image(self.spec, files.get("image"))
         lora = self._check_lora(p.lora)
         rid = _request_id(files["image"], p.model_dump(exclude={"format"}))
@@ -383,7 +400,6 @@ class Ingress:
             models["detect"] = det["model"]
             if not len(det["labels"]):
                 lineage = self._lineage(rid, t0, models)
-                self.stats.see("edit", t0)
                 body = {"status": "no_detection", "boxes": [], "lineage": lineage}
                 return _respond(p.format, image, body, self._text(rid, lineage))
             seg = await _call(self.segment, {"id": rid, "image": image, "boxes": det["boxes"], "points": [],
@@ -398,12 +414,13 @@ class Ingress:
         res = await self._inpaint(rid, image, batch["blend"][0], p, lora)
         models["inpaint"] = res["model"]
         # the region that may change: the feathered blend's support (outside it the output is the input, bit for bit)
-        return self._edited(rid, t0, p, res, models, batch["blend"][0] > 0, "edit")
+        return self._edited(rid, t0, p, res, models, batch["blend"][0] > 0, "edit", image)
 
     @app.post("/v1/generate", openapi_extra=_body_schema(GenerateParams, ()))
     async def v1_generate(self, request: Request) -> Response:
         t0 = time.perf_counter()
         p, _ = await read_request(request, GenerateParams, ())
+        _check_cost(self.spec, p)
         lora = self._check_lora(p.lora, "generate")
         g = self.spec.generate
         settings = {k: v for k, v in {"steps": p.steps, "guidance_scale": p.guidance_scale, "seed": p.seed,
@@ -416,7 +433,7 @@ class Ingress:
         res = await _call(self.generate, req, self.retry, lora)
         lineage = self._lineage(rid, t0, {"generate": res["model"]}, res["seed"], res.get("lora"))
         lineage.update(prompt=prompt, negative_prompt=negative, settings=settings)
-        self.stats.see("generate", t0)
+        self.lineage.sample("generate", {"output": res["image"]}, lineage)
         return _respond(p.format, res["image"], {"lineage": lineage}, self._text(rid, lineage))
 
     # -- pieces --------------------------------------------------------------------------------------------
@@ -435,11 +452,11 @@ class Ingress:
         return await _call(self.inpaint, req, self.retry, lora)
 
     def _edited(self, rid: str, t0: float, p: Any, res: dict[str, Any], models: dict[str, Any], mask: np.ndarray,
-                kind: str) -> Response:  # fmt: skip
+                kind: str, image: np.ndarray) -> Response:  # fmt: skip
         lineage = self._lineage(rid, t0, models, res["seed"], res.get("lora"))
         lineage.update(prompts=res["prompts"], crops=res["crops"])
-        self.stats.see(kind, t0)
         body = {"status": "edited", "lineage": lineage, "mask_b64": base64.b64encode(_mask_png(mask)).decode()}
+        self.lineage.sample(kind, {"input": image, "mask": mask, "output": res["edited"]}, lineage)
         return _respond(p.format, res["edited"], body, self._text(rid, lineage))
 
     def _check_lora(self, lora: str | None, stage: str = "inpaint") -> str | None:
@@ -460,6 +477,7 @@ class Ingress:
     def _lineage(self, rid: str, t0: float, models: dict[str, Any], seed: int | None = None,
                  lora: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         out: dict[str, Any] = {"request_id": rid, "spec_hash": self.spec_hash, "models": models,
+                               "experiment_key": self.lineage.key,
                                "ms": round((time.perf_counter() - t0) * 1000, 2)}  # fmt: skip
         if seed is not None:
             out["seed"] = seed
