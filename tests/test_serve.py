@@ -117,6 +117,9 @@ def test_auth_limits_and_bad_input_are_4xx(client, serve_url, photo):
     wrong = httpx.post(f"{serve_url.url}/v1/detect", files={"image": photo}, data={"queries": "dog"},
                        headers={"Authorization": "Bearer nope"})  # fmt: skip
     assert anon.status_code == wrong.status_code == 401
+    pre = httpx.options(f"{serve_url.url}/v1/detect", headers={"Origin": "https://evil.example",
+                                                               "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert "access-control-allow-origin" not in pre.headers  # CORS off by default
     big = client.post("/v1/detect", files={"image": b"\0" * (3 * 1024 * 1024)}, data={"queries": "dog"})
     assert big.status_code == 413
     bomb = io.BytesIO()

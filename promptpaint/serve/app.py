@@ -131,6 +131,27 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], extra: dict[s
 app.add_middleware(_Guard)
 
 
+class _Cors:
+    """CORS only for ``http.cors_origins`` (set by the ingress replica in SECURITY); off by default."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        origins = SECURITY.get("cors_origins") or []
+        if scope["type"] != "http" or not origins:
+            return await self.inner(scope, receive, send)
+        from starlette.middleware.cors import CORSMiddleware
+
+        cors = CORSMiddleware(self.inner, allow_origins=origins, allow_methods=["GET", "POST"],
+                              allow_headers=["Authorization", "Content-Type"],
+                              expose_headers=[LINEAGE_HEADER, "Retry-After"])  # fmt: skip
+        return await cors(scope, receive, send)
+
+
+app.add_middleware(_Cors)  # outermost: preflight requests carry no token
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -283,7 +304,8 @@ class Ingress:
         # Serve runs a pickled copy of ``app``; the middleware (imported by reference) reads this module's SECURITY.
         from promptpaint.serve import app as this_module
 
-        this_module.SECURITY.update(token=read_token(self.spec, insecure), max_body_bytes=self.spec.http.max_body_bytes)
+        this_module.SECURITY.update(token=read_token(self.spec, insecure), max_body_bytes=self.spec.http.max_body_bytes,
+                                    cors_origins=list(self.spec.http.cors_origins))  # fmt: skip
         self.retry = self.spec.http.retry_after_s
         self.spec_hash = self.spec.spec_hash()
         from promptpaint.serve.lineage import ServeLineage
