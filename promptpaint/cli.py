@@ -7,6 +7,7 @@ Exit codes: 0 ok (also when some rows failed: the summary says so), 1 the job fa
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -51,8 +52,15 @@ def run(
         bool, typer.Option("--verbose", "-v", help="show library and Ray worker logs (always in <output>/logs/)")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    wait_lock: Annotated[
+        bool,
+        typer.Option("--wait-lock", help="if another run holds the output's run lock, wait for it instead of exiting"),
+    ] = False,
 ) -> None:
-    """Run a bulk edit: detect -> segment -> inpaint every input, write images, masks and a manifest."""
+    """Run a bulk edit: detect -> segment -> inpaint every input, write images, masks and a manifest.
+
+    One run at a time per output: a second one finds the run lock (<output>/_RUN_LOCK) and exits 1 without
+    processing anything (or waits, with --wait-lock); a lock whose lease expired is taken over."""
     from promptpaint.config import load_edit_spec
 
     try:
@@ -67,9 +75,12 @@ def run(
         describe_plan,
         format_summary,
         local_shape,
+        nothing_new,
+        pending_paths,
         prepare,
         run_job,
     )
+    from promptpaint.jobs.lock import RunLock, RunLocked
     from promptpaint.jobs.logs import captured
     from promptpaint.jobs.ray_runtime import RayUnavailable, ensure_ray, resolve_address
     from promptpaint.lineage import LineageUnavailable
@@ -88,12 +99,20 @@ def run(
         preload = ("transformers", "diffusers", *(("ray", "ray.data") if edit.runtime.executor == "ray" else ()))
         preload += ("comet_ml",) if edit.lineage.mode != "off" else ()
         if edit.runtime.executor == "local" or resolve_address(edit.runtime.address) is None:
-            prepare(edit, local_shape())  # this machine runs it: every spec problem before Ray starts
-        with captured(edit.output, verbose, preload) as log:
+            prepared = prepare(edit, local_shape())  # this machine runs it: every spec problem before Ray starts
+            if incremental:  # nothing new: seconds, without Ray, models, a Comet experiment or the lock
+                t0 = time.perf_counter()
+                all_paths = expand_input(edit.input)
+                if not pending_paths(prepared.spec, all_paths):
+                    typer.echo(format_summary(nothing_new(prepared.spec, len(all_paths), t0)))
+                    return
+        with RunLock(edit.output).acquire(wait=wait_lock), captured(edit.output, verbose, preload) as log:
             if edit.runtime.executor == "ray":
                 ensure_ray(edit.runtime.address, verbose=verbose)
                 log.quiet()  # ray.init adds a terminal handler of its own
             result = run_job(edit, progress=progress, incremental=incremental, spec_path=str(spec))
+    except RunLocked as e:
+        raise _fail(str(e), EXIT_FAILED) from None
     except FileNotFoundError as e:
         raise _fail(f"input: {e}", EXIT_INVALID) from None
     except SpecError as e:  # found once the job looked at the cluster (e.g. fp16 on a CPU-only cluster)
@@ -211,6 +230,43 @@ def serve(
             time.sleep(3600)
     except KeyboardInterrupt:
         ray_serve.shutdown()
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="the spec to run on the cluster (its paths: absolute or URIs)")],
+    address: Annotated[
+        str, typer.Option(envvar="RAY_API_SERVER_ADDRESS", help="the cluster's job API, e.g. http://HEAD:8265")
+    ],
+    command: Annotated[str, typer.Option(help="run | train")] = "run",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: key.path=value")] = None,
+    slot: Annotated[
+        str | None, typer.Option(help="schedule slot in the submission id [default: the UTC date, YYYYMMDD]")
+    ] = None,
+    incremental: Annotated[bool, typer.Option("--incremental", help="run: pass --incremental")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="stream the logs; exit with the job's status (0/1/2)")] = False,
+    working_dir: Annotated[
+        Path | None, typer.Option(help="folder shipped with the job (e.g. this repository when the image lacks it)")
+    ] = None,
+) -> None:
+    """Submit a promptpaint command to a Ray cluster (Ray Job Submission). The submission id comes from the spec,
+    the overrides and the slot: submitting the same thing twice in one slot starts one job."""
+    from promptpaint.jobs.submit import follow
+    from promptpaint.jobs.submit import submit as submit_job
+
+    if not spec.is_file():
+        raise _fail(f"spec file {str(spec)!r} does not exist", EXIT_INVALID)
+    if command not in ("run", "train"):
+        raise _fail(f"--command must be run or train, got {command!r}", EXIT_INVALID)
+    extra = ["--incremental"] if incremental and command == "run" else []
+    try:
+        sub = submit_job(address, command, spec, list(set_ or []), slot, working_dir, extra)
+    except (ConnectionError, OSError, RuntimeError, ValueError) as e:
+        raise _fail(f"submit failed: {type(e).__name__}: {e}", EXIT_FAILED) from None
+    what = "already submitted" if sub.existed else "submitted"
+    typer.echo(f"{what}: {sub.submission_id} ({sub.status}) on {address}")
+    if wait:
+        raise typer.Exit(follow(address, sub.submission_id))
 
 
 @app.command()

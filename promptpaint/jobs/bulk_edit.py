@@ -488,16 +488,17 @@ def run_job(
         shape = local_shape()
     prep = prepare(spec, shape)
     spec, the_plan, models = prep.spec, prep.plan, prep.models
-    # Lineage opens before any model work: its key goes into every PNG and manifest row, and
-    # lineage.require fails here, not after hours of GPU time.
-    lineage = Lineage.start(spec, job_name(spec), spec_path, models)
     # (id, path) pairs, not ids: an input whose bytes equal one recorded under another path still
     # needs its own manifest row.
     state = manifest.load_state(spec.output)
     paths = all_paths
     if incremental:
-        seen = state.final_paths.get(spec.spec_hash(), set())
-        paths = [p for p in all_paths if p not in seen]
+        paths = pending_paths(spec, all_paths, state)
+        if not paths:  # a scheduled run with nothing new: no Comet experiment, no model, no manifest part
+            return nothing_new(spec, len(all_paths), t0)
+    # Lineage opens before any model work: its key goes into every PNG and manifest row, and
+    # lineage.require fails here, not after hours of GPU time.
+    lineage = Lineage.start(spec, job_name(spec), spec_path, models)
     names = output_names(all_paths, input_root(spec.input))
     items = [{"path": p, "name": names[p]} for p in paths]
     manifest.clear_success(spec.output)
@@ -569,8 +570,27 @@ def run_job(
     return JobResult(spec.output, len(all_paths), dict(consumer.counts), dict(consumer.errors), seconds, summary)
 
 
+def pending_paths(spec: EditSpec, all_paths: list[str], state: manifest.ManifestState | None = None) -> list[str]:
+    """Inputs ``--incremental`` still has to process: those without a final row under this spec's hash
+    (``spec`` as ``prepare`` returns it: its hash covers the weights and dtype)."""
+    state = state if state is not None else manifest.load_state(spec.output)
+    seen = state.final_paths.get(spec.spec_hash(), set())
+    return [p for p in all_paths if p not in seen]
+
+
+def nothing_new(spec: EditSpec, inputs: int, t0: float) -> JobResult:
+    seconds = round(time.perf_counter() - t0, 3)
+    summary = {"inputs": inputs, "processed": 0, "counts": {"skipped": inputs}, "errors": {}, "seconds": seconds,
+               "images_per_second": 0.0, "stage_ms_per_image": {}, "spec_hash": spec.spec_hash(), "mode": spec.mode,
+               "nothing_new": True}  # fmt: skip
+    return JobResult(spec.output, inputs, {"skipped": inputs}, {}, seconds, summary)
+
+
 def format_summary(result: JobResult) -> str:
     s = result.summary
+    if s.get("nothing_new"):
+        return (f"promptpaint: 0 new inputs ({s['inputs']} already done under spec {s['spec_hash']}) -> "
+                f"{result.output}; nothing to do ({s['seconds']:.1f} s)")  # fmt: skip
     lines = [
         f"promptpaint: {s['inputs']} inputs -> {result.output}",
         f"  {'processed':<14}{s['processed']:>8}",

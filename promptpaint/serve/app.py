@@ -13,7 +13,6 @@ the field for every bad input, CORS off unless origins are listed. Overload: eac
 most ``deployments.max_queued_requests``; past that the ingress answers 429 with Retry-After.
 """
 
-
 import base64
 import hashlib
 import hmac
@@ -508,9 +507,13 @@ class Ingress:
         return out
 
     def _text(self, rid: str, lineage: dict[str, Any]) -> dict[str, str]:
-        return {"promptpaint:id": rid, "promptpaint:spec_hash": self.spec_hash,
-                "promptpaint:lineage": json.dumps({k: v for k, v in lineage.items() if k != "ms"}, sort_keys=True,
-                                                  default=str)}  # fmt: skip  (timings vary: not in the bytes)
+        return {
+            "promptpaint:id": rid,
+            "promptpaint:spec_hash": self.spec_hash,
+            "promptpaint:lineage": json.dumps(
+                {k: v for k, v in lineage.items() if k != "ms"}, sort_keys=True, default=str
+            ),
+        }  # fmt: skip  (timings vary: not in the bytes)
 
 
 # ------------------------------------------------------------------------------------------------- the app

@@ -79,7 +79,9 @@ def train_loop(config: dict[str, Any]) -> None:
         klass = local_examples(_rows(ray.train.get_dataset_shard("class")), rank, world)
     queue = config.get("queue")
     if queue is not None:  # which examples this worker trains on (training.json, and the shard test)
-        _send(queue, {"rank": rank, "shard": {"instance": [e.index for e in instance], "class": [e.index for e in klass]}})
+        _send(
+            queue, {"rank": rank, "shard": {"instance": [e.index for e in instance], "class": [e.index for e in klass]}}
+        )
     side = int(config["resolution"])
     autocast = config["precision"] != "no"
     fault = config.get("fault") or {}

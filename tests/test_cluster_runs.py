@@ -1,0 +1,164 @@
+"""Scheduled runs on a cluster (issue 13): incremental runs over a growing folder, the run lock, the "nothing new"
+fast path, and `promptpaint submit` against a real local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from promptpaint import manifest
+from promptpaint.jobs.lock import LOCK_NAME, RunLock, RunLocked
+from promptpaint.samples import make_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "promptpaint.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})  # fmt: skip
+
+
+def _spec_file(tmp: Path, models: Path, inputs: Path, out: Path) -> Path:
+    spec = {"input": str(inputs), "output": str(out), "models_dir": str(models), "mode": "detect",
+            "detect": {"queries": ["car"], "threshold": 0.45}, "runtime": {"executor": "local"},
+            "lineage": {"mode": "offline"}}  # fmt: skip
+    path = tmp / "spec.yaml"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- lock
+
+
+def test_lock_excludes_a_second_run_and_is_released(tmp_path):
+    first = RunLock(str(tmp_path)).acquire()
+    with pytest.raises(RunLocked, match="another run holds"):
+        RunLock(str(tmp_path)).acquire()
+    first.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with RunLock(str(tmp_path)).acquire():
+        assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_an_expired_lock_is_taken_over(tmp_path):
+    dead = RunLock(str(tmp_path), lease_s=0.2, heartbeat_s=3600).acquire()
+    dead._stop.set()  # its owner died: nobody renews or removes it
+    time.sleep(0.3)
+    taker = RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == taker.token
+    taker.release()
+
+
+def test_a_held_lock_is_renewed_and_waited_for(tmp_path):
+    held = RunLock(str(tmp_path), lease_s=0.6, heartbeat_s=0.1).acquire()
+    time.sleep(1.0)  # longer than the lease: the heartbeat keeps it alive
+    with pytest.raises(RunLocked):
+        RunLock(str(tmp_path)).acquire()
+    threading.Timer(0.5, held.release).start()
+    t0 = time.monotonic()
+    waiter = RunLock(str(tmp_path)).acquire(wait=True, poll_s=0.1, timeout_s=10)
+    assert 0.3 < time.monotonic() - t0 < 10
+    waiter.release()
+
+
+# ---------------------------------------------------------------------------------------------- incremental
+
+
+@pytest.mark.heavy
+def test_incremental_processes_only_new_inputs_and_nothing_new_is_fast(tmp_path, tiny_models):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    make_samples(inputs / "day1", 10, size=(64, 48), seed=1)
+    spec = _spec_file(tmp_path, tiny_models, inputs, out)
+    first = _cli("run", str(spec), "--incremental", "--no-progress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    make_samples(inputs / "day2", 5, size=(64, 48), seed=2)
+    second = _cli("run", str(spec), "--incremental", "--no-progress")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert re.search(r"processed\s+5\n", second.stdout) and re.search(r"skipped\s+10\n", second.stdout), second.stdout
+    table = manifest.read_manifest(str(out))
+    paths = table.column("input_path").to_pylist()
+    assert len(paths) == 15 and len(set(paths)) == 15  # every input exactly once
+    experiments = len(list((out / "comet").glob("*.zip")))
+    t0 = time.monotonic()
+    third = _cli("run", str(spec), "--incremental", "--no-progress")
+    took = time.monotonic() - t0
+    assert third.returncode == 0 and "0 new inputs (15 already done" in third.stdout, third.stdout + third.stderr
+    assert len(list((out / "comet").glob("*.zip"))) == experiments  # no new Comet experiment
+    assert len(manifest.read_manifest(str(out))) == 15
+    assert took < 30, took  # no Ray, no model loads (the CLI's own import time dominates)
+
+
+@pytest.mark.heavy
+def test_a_second_run_on_a_locked_output_exits_without_processing(tmp_path, tiny_models):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    make_samples(inputs, 3, size=(64, 48), seed=3)
+    spec = _spec_file(tmp_path, tiny_models, inputs, out)
+    with RunLock(str(out)).acquire():  # a live run (another process, as far as the CLI can tell)
+        res = _cli("run", str(spec), "--no-progress")
+    assert res.returncode == 1 and "another run holds" in res.stderr, res.stderr[-2000:]
+    assert manifest.read_manifest(str(out)) is None  # nothing processed
+    res = _cli("run", str(spec), "--no-progress")  # lock released: runs
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (out / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------- submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on 127.0.0.1 with its job API, in a private temp dir; stopped after the test."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    tmp = Path(f"/tmp/pp-head-{os.getpid()}")  # short: Ray's socket paths have a length limit
+    # Ray's token authentication on, as on a real cluster: the head and every client (submit) carry the token
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the venv, as when activated  # fmt: skip
+    port, dash = _free_port(), _free_port()
+    cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--temp-dir={tmp}", "--disable-usage-stats"]  # fmt: skip
+    started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.heavy
+def test_submit_runs_once_per_slot_and_wait_gives_the_exit_code(tmp_path, tiny_models, ray_head):
+    address, env = ray_head
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    make_samples(inputs, 3, size=(64, 48), seed=4)
+    spec = _spec_file(tmp_path, tiny_models, inputs, out)
+    first = _cli("submit", str(spec), "--address", address, "--slot", "t1", "--wait", env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.startswith("submitted: promptpaint-run-")
+    assert len(manifest.read_manifest(str(out))) == 3
+    again = _cli("submit", str(spec), "--address", address, "--slot", "t1", env=env)
+    assert again.returncode == 0 and again.stdout.startswith("already submitted:") and "SUCCEEDED" in again.stdout
+    assert first.stdout.split()[1] == again.stdout.split()[2]  # one id, one job
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace('"detect"', '"detekt"', 1))
+    failed = _cli("submit", str(bad), "--address", address, "--slot", "t1", "--wait", env=env)
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]  # the job's own exit code
