@@ -53,7 +53,9 @@ def make_lora(folder: Path, models: Path, model: str = "sd15", seed: int = 0, sc
     from promptpaint.training.loop import export_lora
     from promptpaint.training.model import LoraModel
 
-    job = build_spec(TrainJobSpec, {"output": str(folder), "train": {"model": model, "instance_data": "x", "seed": seed}})
+    job = build_spec(
+        TrainJobSpec, {"output": str(folder), "train": {"model": model, "instance_data": "x", "seed": seed}}
+    )
     pipe = load_model(model, str(models), torch.device("cpu"), torch.float32).model
     lora = LoraModel(pipe, job.train, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(seed)

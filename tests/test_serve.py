@@ -56,9 +56,10 @@ def test_health_models_and_openapi(client, serve_url):
     for path in ("/v1/detect", "/v1/segment", "/v1/inpaint", "/v1/edit", "/v1/generate"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(body)
-    assert "queries" in spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]["application/json"]["schema"][
-        "properties"
-    ]
+    assert (
+        "queries"
+        in spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    )
 
 
 def test_detect_and_segment_round_trip(client, photo):
@@ -181,6 +182,7 @@ def test_fifty_lora_swaps_do_not_grow_memory(client):
 
 def test_a_burst_gets_429_with_retry_after_and_nothing_else(serve_url, client):
     """60 concurrent generate requests against max_ongoing_requests=2 and max_queued_requests=4."""
+
     def one(_: int) -> httpx.Response:
         return httpx.post(f"{serve_url.url}/v1/generate", data={"prompt": "a dog", "steps": "4"}, timeout=120,
                           headers={"Authorization": f"Bearer {serve_url.token}"})  # fmt: skip
@@ -251,7 +253,6 @@ def test_no_token_needs_insecure(tiny_models, monkeypatch):
     assert read_token(spec, insecure=False) == b"abc"
 
 
-
 def test_no_server_errors_for_generated_requests(serve_url):
     """schemathesis over /openapi.json (bounded examples per operation): no 5xx for anything it sends."""
     import schemathesis
@@ -273,7 +274,7 @@ def test_no_server_errors_for_generated_requests(serve_url):
             r = case.call(base_url=serve_url.url, headers={"Authorization": f"Bearer {serve_url.token}"},
                           timeout=60)  # fmt: skip
             if r.status_code >= 500:
-                failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+                failures.append(f"{name}: {r.status_code} {r.text[:200]}")  # noqa: B023 - run() is called right away
 
         run()
     assert count >= 20
