@@ -20,6 +20,7 @@ import pytest
 from promptpaint import manifest
 from promptpaint.jobs.lock import LOCK_NAME, RunLock, RunLocked
 from promptpaint.samples import make_samples
+from tests.test_hardening import stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +142,7 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_ray_under(str(tmp))  # only this head's processes, never every Ray on the machine
         shutil.rmtree(tmp, ignore_errors=True)
 
 

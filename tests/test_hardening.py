@@ -6,6 +6,7 @@ random-weight models, a real local Ray (the session fixture) or a real 3-node Ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -836,3 +837,22 @@ def test_jpeg_output_carries_lineage_text(tmp_path, tiny_models, named_inputs):
         assert text["promptpaint:spec_hash"] == r["spec_hash"]
         assert r["experiment_key"] and text["promptpaint:experiment_key"] == r["experiment_key"]
         assert text["promptpaint:id"] == r["id"]
+
+
+def stop_ray_under(tmpdir: str, timeout: float = 30.0) -> int:
+    """Kill only the Ray processes whose command line names ``tmpdir`` (their temp/session dir): never
+    ``ray stop --force``, which would kill every Ray on the machine (the test session's own included)."""
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(tmpdir in part for part in (p.info["cmdline"] or [])):
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(victims, timeout=timeout)
+    return len(victims)
