@@ -13,6 +13,7 @@ the field for every bad input, CORS off unless origins are listed. Overload: eac
 most ``deployments.max_queued_requests``; past that the ingress answers 429 with Retry-After.
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -189,8 +190,10 @@ def _check_cost(spec: ServeSpec, p: Any) -> None:
     """Operator limits on what one request may cost: steps, generated pixels."""
     if getattr(p, "steps", None) is not None and p.steps > spec.max_steps:
         raise ApiError(422, "steps", f"at most {spec.max_steps} steps on this server (max_steps)", "less_than_equal")
-    w, h = getattr(p, "width", None), getattr(p, "height", None)
-    if (w or 0) * (h or 0) > spec.max_generate_pixels:
+    w = getattr(p, "width", None) or spec.generate.width
+    h = getattr(p, "height", None) or spec.generate.height
+    w, h = w or h or 0, h or w or 0  # a side left to the model's default counts as the given one (square)
+    if w * h > spec.max_generate_pixels:
         raise ApiError(422, "width", f"width x height over {spec.max_generate_pixels} pixels (max_generate_pixels)",
                        "less_than_equal")  # fmt: skip
 
@@ -353,7 +356,7 @@ class Ingress:
     async def v1_detect(self, request: Request) -> Response:
         t0 = time.perf_counter()
         p, files = await read_request(request, DetectParams, ("image",))
-        image = _image(self.spec, files.get("image"))
+        image = await asyncio.to_thread(_image, self.spec, files.get("image"))  # decoding off the event loop
         rid = _request_id(files["image"], p.model_dump(exclude={"format"}))
         res = await _call(self.detect, {"id": rid, "image": image, "queries": p.queries,
                                         "threshold": self.spec.detect.threshold if p.threshold is None else p.threshold},
@@ -370,7 +373,7 @@ class Ingress:
 
         t0 = time.perf_counter()
         p, files = await read_request(request, SegmentParams, ("image",))
-        image = _image(self.spec, files.get("image"))
+        image = await asyncio.to_thread(_image, self.spec, files.get("image"))  # decoding off the event loop
         if not p.points and not p.boxes:
             raise ApiError(422, "points", "give points and/or boxes to segment", "missing")
         rid = _request_id(files["image"], p.model_dump(exclude={"format"}))
@@ -386,8 +389,8 @@ class Ingress:
         t0 = time.perf_counter()
         p, files = await read_request(request, InpaintParams, ("image", "mask"))
         _check_cost(self.spec, p)
-        image = _image(self.spec, files.get("image"))
-        mask_rgb = _image(self.spec, files.get("mask"), "mask")
+        image = await asyncio.to_thread(_image, self.spec, files.get("image"))  # decoding off the event loop
+        mask_rgb = await asyncio.to_thread(_image, self.spec, files.get("mask"), "mask")
         if mask_rgb.shape[:2] != image.shape[:2]:
             raise ApiError(422, "mask", f"mask is {mask_rgb.shape[1]}x{mask_rgb.shape[0]}, image "
                                         f"{image.shape[1]}x{image.shape[0]}: they must match")  # fmt: skip
@@ -406,7 +409,7 @@ class Ingress:
         t0 = time.perf_counter()
         p, files = await read_request(request, EditParams, ("image",))
         _check_cost(self.spec, p)
-        image = _image(self.spec, files.get("image"))
+        image = await asyncio.to_thread(_image, self.spec, files.get("image"))  # decoding off the event loop
         lora = self._check_lora(p.lora)
         rid = _request_id(files["image"], p.model_dump(exclude={"format"}))
         models: dict[str, Any] = {}
@@ -548,7 +551,11 @@ def build(spec: ServeSpec, insecure: bool = False) -> Any:
     opts, dopts = deployment_options(spec), diffusion_options(spec)
     models = [m.options(**opts).bind(data) for m in (DetectModel, SegmentModel)]
     models += [m.options(**dopts).bind(data) for m in (InpaintModel, GenerateModel)]
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(data, *models, insecure=insecure)
+    d = spec.deployments
+    ingress = {"min_replicas": max(1, d.min_replicas), "max_replicas": d.max_replicas, "target_ongoing_requests": 32}
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, autoscaling_config=ingress).bind(
+        data, *models, insecure=insecure
+    )
 
 
 def build_app(args: dict[str, Any]) -> Any:
