@@ -266,7 +266,9 @@ def test_no_server_errors_for_generated_requests(serve_url):
 
         name = f"{operation.method.upper()} {operation.path}"
 
-        @settings(max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy())
         def run(case: object) -> None:
             nonlocal count
