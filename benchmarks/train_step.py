@@ -314,46 +314,19 @@ def ray_datasets(job: Any, side: int) -> dict[str, Any]:
 
 
 def ray_fit(job: Any, datasets: dict[str, Any], storage: Path, ray_tmp: Path, warmup: int) -> dict[str, Any]:
-    """One ``TorchTrainer.fit`` built as ``job._train`` builds it; rank 0's per-step messages timed on arrival."""
+    """One ``TorchTrainer.fit`` from ``job.build_trainer`` (what ``promptpaint train`` runs); rank 0's per-step messages timed on arrival."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
     from promptpaint.jobs.ray_runtime import cluster_shape
-    from promptpaint.training.job import instance_paths, plan_training
-    from promptpaint.training.loop import train_loop
+    from promptpaint.training.job import build_trainer, instance_paths, plan_training
 
     t = job.train
     the_plan = plan_training(job, cluster_shape(), len(instance_paths(job)))
     queue = Queue(actor_options={"num_cpus": 0})
-    config = {
-        "spec": job.model_dump(mode="json"),
-        "spec_hash": job.spec_hash(),
-        "use_gpu": the_plan.use_gpu,
-        "precision": the_plan.precision,
-        "resolution": the_plan.resolution,
-        "threads": the_plan.threads,
-        "queue": queue,
-        "fault": None,
-    }
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if the_plan.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=the_plan.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=f"train-step-w{t.num_workers}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
-        torch_config=TorchConfig(backend="nccl" if the_plan.use_gpu else "gloo"),
-    )
+    run = job.model_copy(update={"train": job.train.model_copy(update={
+        "storage_path": str(storage), "run_name": f"train-step-w{job.train.num_workers}"})})  # fmt: skip
+    trainer = build_trainer(run, the_plan, job.spec_hash(), datasets, queue)
     arrivals: list[tuple[float, dict[str, Any]]] = []
     stop = threading.Event()
 

@@ -248,7 +248,24 @@ def _drop_empty_lora(data: Any) -> Any:
     return data
 
 
-class InpaintSpec(_Section):
+class _WithLoras(_Section):
+    """A diffusion section with ``model`` and ``lora``: each LoRA checked against the model when the spec loads;
+    serialized (and hashed) without the key while there are none, so older specs keep their ids."""
+
+    _lora_field: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _loras_fit(self) -> Any:
+        _check_loras(self.lora, self.model, self._lora_field)  # type: ignore[attr-defined]
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> Any:
+        return _drop_empty_lora(handler(self))
+
+
+class InpaintSpec(_WithLoras):
+    _lora_field: ClassVar[str] = "inpaint.lora"
     model: str = "sd15-inpaint"
     prompt: str = "a red vintage bicycle"
     negative_prompt: str = "blurry, low quality, distorted"
@@ -277,15 +294,6 @@ class InpaintSpec(_Section):
     def _inpaint_model(cls, v: str) -> str:
         return _registry_model(v, "inpaint", "inpaint.model")
 
-    @model_validator(mode="after")
-    def _loras_fit(self) -> InpaintSpec:
-        _check_loras(self.lora, self.model, "inpaint.lora")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _compact(self, handler: Any) -> Any:
-        return _drop_empty_lora(handler(self))
-
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
@@ -294,8 +302,10 @@ class InpaintSpec(_Section):
         return v
 
 
-class GenerateSpec(_Section):
+class GenerateSpec(_WithLoras):
     """Text-to-image generation (the ``generate`` stage, ``promptpaint generate``, DreamBooth prior images)."""
+
+    _lora_field: ClassVar[str] = "generate.lora"
 
     model: str = "sd15"
     prompt: str = Field("a photo of a dog", description="used for rows without their own prompt")
@@ -307,15 +317,6 @@ class GenerateSpec(_Section):
     height: int | None = Field(None, ge=8, le=4096, description="None = the model's native size")
     batch: int = Field(4, ge=1, le=256, description="rows per pipeline call")
     lora: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the pipeline: [{path, scale}]")
-
-    @model_validator(mode="after")
-    def _loras_fit(self) -> GenerateSpec:
-        _check_loras(self.lora, self.model, "generate.lora")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _compact(self, handler: Any) -> Any:
-        return _drop_empty_lora(handler(self))
 
     @field_validator("width", "height")
     @classmethod

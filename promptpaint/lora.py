@@ -130,7 +130,10 @@ def check_lora(path: str, model: str, field_name: str) -> LoraInfo:
     """``inspect_lora`` plus the architecture check against registry model ``model``; LoraError names both."""
     from promptpaint.models.registry import get_entry  # pure data
 
-    info = inspect_lora(path)
+    try:
+        info = inspect_lora(path)
+    except LoraError as e:
+        raise LoraError(f"{field_name}: {e}") from None
     entry = get_entry(model)
     if entry.arch is None:
         raise LoraError(f"{field_name}: model {model!r} is not a diffusion pipeline; LoRAs apply to sd/sdxl models")

@@ -139,6 +139,10 @@ def test_auth_limits_and_bad_input_are_4xx(client, serve_url, photo):
         assert r.status_code == 422, (field, r.status_code, r.text)
         if field:
             assert r.json()["detail"][0]["loc"][-1] == field, r.text
+    for data, field in (({"points": "[[1e999, 1, 1]]"}, "points"), ({"points": "[[99999, 1, 1]]"}, "points"),
+                        ({"boxes": "[[10, 10, 5, 20]]"}, "boxes"), ({"boxes": "[[0, 0, 99999, 5]]"}, "boxes")):  # fmt: skip
+        r = client.post("/v1/segment", files={"image": photo}, data=data)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, (data, r.status_code, r.text)
     r = client.post("/v1/generate", data={"prompt": "x", "steps": "0"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "steps"
     r = client.post("/v1/generate", data={"prompt": "x", "lora": "no-such-lora"})

@@ -462,6 +462,7 @@ class Ingress:
 
     # -- pieces --------------------------------------------------------------------------------------------
     async def _segment(self, rid: str, image: np.ndarray, p: Any) -> dict[str, Any]:
+        p.check_inside(image.shape[1], image.shape[0])
         pts = np.asarray([q[:2] for q in p.points], np.float32).reshape(-1, 2)
         labels = np.asarray([q[2] for q in p.points], np.int64)
         boxes = np.asarray(p.boxes, np.float32).reshape(-1, 4)

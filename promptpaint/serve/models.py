@@ -166,9 +166,8 @@ def _adapter_name(lora_id: str) -> str:
 
 
 class _Diffusion(_Batched):
-    """Inpaint / generate: a diffusers pipeline + multiplexed LoRAs + cancellable loops."""
-
-    stage_field = "inpaint.lora"
+    """Inpaint / generate: a diffusers pipeline + multiplexed LoRAs + cancellable loops. A subclass builds its
+    stage in ``__init__`` (``_pipe_setup``) and runs one settings group through it in ``_run(reqs)``."""
 
     def _pipe_setup(self, stage: Any) -> None:
         self.stage = stage
@@ -231,6 +230,20 @@ class _Diffusion(_Batched):
         self.pipe.set_adapters([adapter.name], adapter_weights=[scale])
         return {**adapter.lineage, "scale": scale}
 
+    @serve.batch
+    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One model call per group of equal settings and LoRA scale (Serve never mixes LoRA ids in a batch)."""
+        results: list[dict[str, Any]] = [{} for _ in reqs]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k, r in enumerate(reqs):
+            groups.setdefault((r["lora_scale"], *sorted(r["settings"].items())), []).append(k)
+        for (scale, *_), idx in groups.items():
+            lora = await self._activate(scale)
+            part = await self._run_cancellable(self._run, [reqs[k] for k in idx])
+            for k, res in zip(idx, part, strict=True):
+                results[k] = {**res, "lora": lora}
+        return results
+
     async def _run_cancellable(self, fn: Any, reqs: list[dict[str, Any]]) -> Any:
         ids = tuple(r["id"] for r in reqs)
 
@@ -252,20 +265,6 @@ class InpaintModel(_Diffusion):
 
         spec = self._setup(spec_json)
         self._pipe_setup(Inpainter(spec.inpaint, spec.runtime, spec.models_dir))
-
-    @serve.batch
-    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # one LoRA id per batch (Serve splits batches by multiplexed model id); scales may differ
-        results: list[dict[str, Any]] = [{} for _ in reqs]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for k, r in enumerate(reqs):
-            groups.setdefault((r["lora_scale"], *sorted(r["settings"].items())), []).append(k)
-        for (scale, *_), idx in groups.items():
-            lora = await self._activate(scale)
-            part = await self._run_cancellable(self._run, [reqs[k] for k in idx])
-            for k, res in zip(idx, part, strict=True):
-                results[k] = {**res, "lora": lora}
-        return results
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self.lock:
@@ -292,26 +291,11 @@ class InpaintModel(_Diffusion):
 
 @serve.deployment(name="generate")
 class GenerateModel(_Diffusion):
-    stage_field = "generate.lora"
-
     def __init__(self, spec_json: dict[str, Any]):
         from promptpaint.actors.generator import Generator
 
         spec = self._setup(spec_json)
         self._pipe_setup(Generator(spec.generate, spec.runtime, spec.models_dir))
-
-    @serve.batch
-    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = [{} for _ in reqs]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for k, r in enumerate(reqs):
-            groups.setdefault((r["lora_scale"], *sorted(r["settings"].items())), []).append(k)
-        for (scale, *_), idx in groups.items():
-            lora = await self._activate(scale)
-            part = await self._run_cancellable(self._run, [reqs[k] for k in idx])
-            for k, res in zip(idx, part, strict=True):
-                results[k] = {**res, "lora": lora}
-        return results
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self.lock:

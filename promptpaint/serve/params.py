@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,7 +74,25 @@ class PromptParams(_Params):
     def _labels(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
         if any(p[2] not in (0, 1) for p in v):
             raise ValueError("a point's label is 1 (positive) or 0 (negative)")
+        if not all(math.isfinite(p[0]) and math.isfinite(p[1]) for p in v):
+            raise ValueError("point coordinates must be finite numbers (pixels)")
         return v
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes(cls, v: list[tuple[float, float, float, float]]) -> list[tuple[float, float, float, float]]:
+        if not all(all(math.isfinite(x) for x in b) for b in v):
+            raise ValueError("box coordinates must be finite numbers (pixels)")
+        if any(b[2] <= b[0] or b[3] <= b[1] for b in v):
+            raise ValueError("a box is [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+        return v
+
+    def check_inside(self, width: int, height: int) -> None:
+        """Every point and box inside a ``width`` x ``height`` image (ApiError 422 naming the field)."""
+        if any(not (0 <= p[0] <= width and 0 <= p[1] <= height) for p in self.points):
+            raise ApiError(422, "points", f"a point lies outside the {width}x{height} image")
+        if any(b[0] < 0 or b[1] < 0 or b[2] > width or b[3] > height for b in self.boxes):
+            raise ApiError(422, "boxes", f"a box lies outside the {width}x{height} image")
 
 
 class SegmentParams(PromptParams):

@@ -305,13 +305,10 @@ def _train(
     fault: dict[str, Any] | None,
 ) -> TrainResult:
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
     from promptpaint.training.class_images import ensure_class_images
     from promptpaint.training.data import preprocess
-    from promptpaint.training.loop import train_loop
 
     t = job.train
     side = the_plan.resolution
@@ -343,33 +340,7 @@ def _train(
 
     # 2. Ray Train.
     queue = Queue(actor_options={"num_cpus": 0})
-    config = {
-        "spec": job.model_dump(mode="json"),
-        "spec_hash": spec_hash,
-        "use_gpu": the_plan.use_gpu,
-        "precision": the_plan.precision,
-        "resolution": side,
-        "threads": the_plan.threads,
-        "queue": queue,
-        "fault": fault,
-    }
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if the_plan.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=the_plan.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=job.run_name,
-            storage_path=_storage_uri(job.storage_path),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
-        torch_config=TorchConfig(backend="nccl" if the_plan.use_gpu else "gloo"),
-    )
+    trainer = build_trainer(job, the_plan, spec_hash, datasets, queue, fault)
     monitor = _Monitor(queue, lineage, t.max_steps, progress, job)
     monitor.start()
     try:
@@ -399,6 +370,51 @@ def _worker_error(exc: BaseException) -> str:
         exc, where = root_cause(failures[rank]), f" (worker {rank})"
     lines = [x for x in str(exc).splitlines() if x.strip()]
     return f"{type(exc).__name__}: {(lines[-1] if failures and lines else (lines or [''])[0])[:500]}{where}"
+
+
+def build_trainer(
+    job: TrainJobSpec,
+    the_plan: TrainPlan,
+    spec_hash: str,
+    datasets: dict[str, Any],
+    queue: Any,
+    fault: dict[str, Any] | None = None,
+) -> Any:
+    """The run's ``TorchTrainer``: the loop, its config, workers, storage (``<storage_path>/<run_name>``, where a
+    re-run finds its checkpoints), failure and checkpoint policy, unsplit datasets, gloo or NCCL."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from promptpaint.training.loop import train_loop
+
+    t = job.train
+    config = {
+        "spec": job.model_dump(mode="json"),
+        "spec_hash": spec_hash,
+        "use_gpu": the_plan.use_gpu,
+        "precision": the_plan.precision,
+        "resolution": the_plan.resolution,
+        "threads": the_plan.threads,
+        "queue": queue,
+        "fault": fault,
+    }
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if the_plan.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=the_plan.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=_storage_uri(job.storage_path),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+        torch_config=TorchConfig(backend="nccl" if the_plan.use_gpu else "gloo"),
+    )
 
 
 def ray_shape_nodes() -> tuple[Any, ...]:
