@@ -62,6 +62,18 @@ def test_an_expired_lock_is_taken_over(tmp_path):
     taker.release()
 
 
+def test_a_lock_whose_owner_died_on_this_host_is_taken_over_at_once(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = {"token": "x", "owner": f"{socket.gethostname()}:{dead.stdout.strip()}", "expires": time.time() + 3600}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))  # a killed run's lock, its lease far from over
+    with RunLock(str(tmp_path)).acquire() as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
+    record["owner"] = f"elsewhere:{dead.stdout.strip()}"  # another host's owner: only its lease counts
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+    with pytest.raises(RunLocked):
+        RunLock(str(tmp_path)).acquire()
+
+
 def test_a_held_lock_is_renewed_and_waited_for(tmp_path):
     held = RunLock(str(tmp_path), lease_s=0.6, heartbeat_s=0.1).acquire()
     time.sleep(1.0)  # longer than the lease: the heartbeat keeps it alive

@@ -12,11 +12,11 @@ from promptpaint.config import load_edit_spec
 from promptpaint.jobs.bulk_edit import run_job
 from promptpaint.samples import make_samples
 
-# Edit specs; training specs (a top-level ``train`` section) are covered in test_training.py
+# Edit specs (they name an ``input``); training and serve specs are covered in test_training.py / test_serve.py
 EXAMPLES = sorted(
     p
     for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")
-    if "train" not in (yaml.safe_load(p.read_text()) or {})
+    if "input" in (yaml.safe_load(p.read_text()) or {})
 )
 
 

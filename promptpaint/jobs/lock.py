@@ -2,7 +2,7 @@
 
 ``<output>/_RUN_LOCK`` holds who owns the output and until when (a lease). The owner renews the lease from a
 heartbeat thread and deletes the file when the run ends (also on errors); a lock whose lease expired (its
-owner was killed, its node lost) is taken over. The manifest stays the only state: the lock says nothing about
+owner was killed, its node lost) is taken over, and so is one whose owner ran on this host and is gone. The manifest stays the only state: the lock says nothing about
 which inputs are done.
 
 Creating the file is atomic where the storage allows it: local and POSIX-like filesystems create it with
@@ -108,8 +108,8 @@ class RunLock:
             holder = self.read()
             if holder is None:
                 continue  # released between our create and read: try again
-            if float(holder.get("expires", 0)) < time.time():
-                log.warning("taking over the expired run lock of %s (%s)", holder.get("owner", "?"), self.uri)
+            if float(holder.get("expires", 0)) < time.time() or self._owner_dead(holder):
+                log.warning("taking over the stale run lock of %s (%s)", holder.get("owner", "?"), self.uri)
                 self._delete_if(holder.get("token"))
                 continue
             if not wait or (timeout_s is not None and time.monotonic() - t0 > timeout_s):
@@ -119,6 +119,21 @@ class RunLock:
         self._thread = threading.Thread(target=self._heartbeat, name="promptpaint-run-lock", daemon=True)
         self._thread.start()
         return self
+
+    @staticmethod
+    def _owner_dead(holder: dict[str, Any]) -> bool:
+        """The holder ran on this host and its process is gone (a killed run re-run at once need not wait out
+        the lease). Other hosts' owners are judged by their lease only."""
+        host, _, pid = str(holder.get("owner", "")).rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def _delete_if(self, token: str | None) -> None:
         fs, path = fsspec.core.url_to_fs(self.uri)

@@ -84,8 +84,15 @@ def submit(
             runtime_env["pip"] = list(pip)
         if env:
             runtime_env["env_vars"] = dict(env)
-        client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                          metadata={"promptpaint.command": command, "promptpaint.spec": spec.name})  # fmt: skip
+        for attempt in range(30):  # a head that just started has no job agent yet: "try again later"
+            try:
+                client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
+                                  metadata={"promptpaint.command": command, "promptpaint.spec": spec.name})  # fmt: skip
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or attempt == 29:
+                    raise
+                time.sleep(2)
     except RuntimeError as e:  # a concurrent submit with the same id won the race: that job is ours too
         if "already exists" not in str(e):
             raise
