@@ -146,8 +146,13 @@ def ray_head(tmp_path):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the venv, as when activated  # fmt: skip
     port, dash = _free_port(), _free_port()
+    # Every port of its own: the defaults (dashboard agent 52365, runtime-env agent, metrics) are taken by the
+    # test session's Ray, and a head without its agent answers every submit with "No available agent".
+    agent, grpc, renv, metrics = (_free_port() for _ in range(4))
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+           f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
            f"--temp-dir={tmp}", "--disable-usage-stats"]  # fmt: skip
     started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert started.returncode == 0, started.stderr[-2000:]
