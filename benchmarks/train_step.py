@@ -169,7 +169,7 @@ def plain_loop(args: argparse.Namespace) -> dict[str, Any]:
 
     from promptpaint.config import TrainSpec
     from promptpaint.models import load_model
-    from promptpaint.training.loop import step_seed
+    from promptpaint.training.loop import optimizer_step, step_seed
     from promptpaint.training.model import LoraModel
 
     torch.set_num_threads(args.threads)
@@ -208,14 +208,7 @@ def plain_loop(args: argparse.Namespace) -> dict[str, Any]:
         loss = inst + spec.prior_loss_weight * prior
         losses_seen.append(float(inst.detach()) + spec.prior_loss_weight * float(prior.detach()))
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(params, optimizer, scaler)
         t1 = time.perf_counter()
         step_s.append(t1 - t0)
         ends.append(t1)

@@ -60,6 +60,12 @@ def _registry_model(name: str, task: str, field: str) -> str:
     return name
 
 
+def _resolution_multiple_of_8(v: int | None) -> int | None:
+    if v is not None and v % 8:
+        raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+    return v
+
+
 def _check_utf8(v: Any) -> None:
     if isinstance(v, str):
         v.encode("utf-8")  # lone surrogates (non-UTF-8 bytes from argv or a file name) raise here
@@ -297,9 +303,7 @@ class InpaintSpec(_WithLoras):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        if v is not None and v % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
-        return v
+        return _resolution_multiple_of_8(v)
 
 
 class GenerateSpec(_WithLoras):
@@ -769,9 +773,7 @@ class TrainSpec(_Section):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        if v is not None and v % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
-        return v
+        return _resolution_multiple_of_8(v)
 
     @field_validator("instance_data", "instance_prompt")
     @classmethod

@@ -37,6 +37,10 @@ class LoraError(ValueError):
     """A LoRA that cannot be used as given: missing, unreadable, or made for another architecture."""
 
 
+class LoraNotFound(LoraError):
+    """No LoRA file where the path points."""
+
+
 @dataclass(frozen=True)
 class LoraInfo:
     path: str  # as given (folder or file)
@@ -69,7 +73,7 @@ def read_header(file: str) -> tuple[dict[str, Any], dict[str, str]]:
                 raise LoraError(f"{file} is not a safetensors file (header length {n})")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise LoraError(f"no LoRA at {file}") from None
+        raise LoraNotFound(f"no LoRA at {file}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoraError(f"{file} is not a safetensors file ({e})") from None
     meta = header.pop("__metadata__", None) or {}
@@ -117,7 +121,7 @@ def inspect_lora(path: str) -> LoraInfo:
         st = fs.info(fpath)
     except FileNotFoundError:
         hint = "" if path.endswith(".safetensors") else f" (a LoRA folder holds {LORA_FILE})"
-        raise LoraError(f"no LoRA at {path}: {file} does not exist{hint}") from None
+        raise LoraNotFound(f"no LoRA at {path}: {file} does not exist{hint}") from None
     key = (file, (st.get("size"), st.get("mtime") or st.get("LastModified") or st.get("ETag")))
     if key not in _CACHE:
         tensors, meta = read_header(file)
@@ -133,7 +137,7 @@ def check_lora(path: str, model: str, field_name: str) -> LoraInfo:
     try:
         info = inspect_lora(path)
     except LoraError as e:
-        raise LoraError(f"{field_name}: {e}") from None
+        raise type(e)(f"{field_name}: {e}") from None
     entry = get_entry(model)
     if entry.arch is None:
         raise LoraError(f"{field_name}: model {model!r} is not a diffusion pipeline; LoRAs apply to sd/sdxl models")

@@ -488,13 +488,16 @@ class Ingress:
         if lora is None:
             return None
         from promptpaint.io import join
-        from promptpaint.lora import LoraError, check_lora
+        from promptpaint.lora import LoraError, LoraNotFound, check_lora
 
-        if not self.spec.lora_store or lora not in _lora_ids(self.spec):
-            raise ApiError(404, "lora", f"unknown LoRA {lora!r}; GET /v1/models lists the LoRA store", "not_found")
+        unknown = ApiError(404, "lora", f"unknown LoRA {lora!r}; GET /v1/models lists the LoRA store", "not_found")
+        if not self.spec.lora_store:
+            raise unknown
         model = self.spec.inpaint.model if stage == "inpaint" else self.spec.generate.model
-        try:
+        try:  # one file lookup (its header cached per file version), not a listing of the store per request
             check_lora(join(self.spec.lora_store, lora), model, "lora")
+        except LoraNotFound:
+            raise unknown from None
         except LoraError as e:
             raise ApiError(422, "lora", str(e), "lora_mismatch") from None
         return lora

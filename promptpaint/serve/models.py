@@ -70,6 +70,14 @@ class _Batched:
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "rss_mb": _rss_mb()}
 
+    @serve.batch
+    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch through the subclass's ``_run`` on a worker thread (the replica's event loop stays free)."""
+        return await asyncio.to_thread(self._run, reqs)
+
+    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle_batch(req)
+
 
 @serve.deployment(name="detect")
 class DetectModel(_Batched):
@@ -79,13 +87,6 @@ class DetectModel(_Batched):
         spec = self._setup(spec_json)
         self.det = Detector(spec.detect, spec.runtime, spec.models_dir)
         self.info = _model_info(self.det.loaded)
-
-    @serve.batch
-    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._run, reqs)
-
-    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle_batch(req)
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{} for _ in reqs]
@@ -120,13 +121,6 @@ class SegmentModel(_Batched):
         spec = self._setup(spec_json)
         self.seg = Segmenter(spec.segment, spec.runtime, spec.models_dir)
         self.info = _model_info(self.seg.loaded)
-
-    @serve.batch
-    async def handle_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._run, reqs)
-
-    async def __call__(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle_batch(req)
 
     def _run(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         batch = base_batch([r["id"] for r in reqs], [r["image"] for r in reqs])

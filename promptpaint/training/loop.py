@@ -115,14 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
             loss = loss / spec.gradient_accumulation
             (scaler.scale(loss) if scaler else loss).backward()
         all_reduce_mean(params, world)
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(params, optimizer, scaler)
         scheduler.step()
         step += 1
         inst_total, prior_total = float(inst_sum), float(prior_sum)
@@ -149,6 +142,18 @@ def train_loop(config: dict[str, Any]) -> None:
             _send(queue, {**metrics, "rank": rank, "validation": images})
         if step % spec.checkpoint_every == 0 or last:
             _report(metrics, rank, step, named, optimizer, scheduler, scaler, config, model if last else None)
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: Any, scaler: Any) -> None:
+    """Clip the (unscaled) gradients to norm 1 and step; with fp16's GradScaler, through it."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def _send(queue: Any, item: dict[str, Any]) -> None:

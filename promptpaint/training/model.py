@@ -47,26 +47,15 @@ class LoraModel:
         alpha = lora.alpha if lora.alpha is not None else lora.rank
         # LoRA's A matrices start random: seed them, so every worker and every run starts from the same LoRA.
         torch.manual_seed(spec.seed)
-        self.unet.add_adapter(
-            LoraConfig(
-                r=lora.rank,
-                lora_alpha=alpha,
-                lora_dropout=lora.dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(lora.target_modules),
-            )
-        )
+
+        def config(targets: list[str]) -> LoraConfig:
+            return LoraConfig(r=lora.rank, lora_alpha=alpha, lora_dropout=lora.dropout, init_lora_weights="gaussian",
+                              target_modules=list(targets))  # fmt: skip
+
+        self.unet.add_adapter(config(lora.target_modules))
         if lora.text_encoder:
             for enc in self.encoders:
-                enc.add_adapter(
-                    LoraConfig(
-                        r=lora.rank,
-                        lora_alpha=alpha,
-                        lora_dropout=lora.dropout,
-                        init_lora_weights="gaussian",
-                        target_modules=list(lora.text_encoder_modules),
-                    )
-                )
+                enc.add_adapter(config(lora.text_encoder_modules))
         # fp16 / bf16 training keeps the trainable (LoRA) parameters in fp32: the optimizer and the gradient
         # scaler never see half-precision parameters ("attempting to unscale FP16 gradients").
         cast_training_params([self.unet, *self.encoders], dtype=torch.float32)
