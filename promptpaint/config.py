@@ -991,7 +991,9 @@ def _format_validation(err: ValidationError, source: str) -> str:
         elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
         given_s = "" if isinstance(given, dict) else f" (given {given!r})"
-        lines.append(f"  {msg}" if loc == "<root>" and isinstance(given, dict) else f"  {loc}: {msg}{given_s}")
+        # a section-level check whose message already names its field (inpaint.lora[0]: ...) needs no prefix
+        named = isinstance(given, dict) and (loc == "<root>" or msg.startswith(f"{loc}."))
+        lines.append(f"  {msg}" if named else f"  {loc}: {msg}{given_s}")
     return "\n".join(lines)
 
 
