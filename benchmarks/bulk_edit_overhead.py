@@ -72,8 +72,8 @@ def ray_job(spec: EditSpec, n: int) -> dict[str, float]:
 
     marks: list[tuple[float, float, int]] = []
 
-    def mark(batch: dict) -> None:  # when each result batch reaches the driver
-        marks.append((time.perf_counter(), machine_cpu_seconds(), len(batch["id"])))
+    def mark(batch: dict) -> None:  # when each task block's summary reaches the driver
+        marks.append((time.perf_counter(), machine_cpu_seconds(), batch["rows"]))
 
     try:
         cpu0, t0 = machine_cpu_seconds(), time.perf_counter()

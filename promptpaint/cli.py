@@ -68,15 +68,14 @@ def run(
     except SpecError as e:
         raise _fail(str(e), EXIT_INVALID) from None
 
-    from promptpaint.io import expand_input
     from promptpaint.jobs.bulk_edit import (
         JobFailed,
         RayJobError,
+        all_done,
         describe_plan,
         format_summary,
         local_shape,
         nothing_new,
-        pending_paths,
         prepare,
         run_job,
     )
@@ -88,8 +87,7 @@ def run(
 
     if dry_run:
         try:
-            paths = expand_input(edit.input)
-            typer.echo(describe_plan(edit, paths))
+            typer.echo(describe_plan(edit))
         except (SpecError, FileNotFoundError) as e:
             raise _fail(str(e), EXIT_INVALID) from None
         except ModelNotAvailable as e:
@@ -102,9 +100,9 @@ def run(
             prepared = prepare(edit, local_shape())  # this machine runs it: every spec problem before Ray starts
             if incremental:  # nothing new: seconds, without Ray, models, a Comet experiment or the lock
                 t0 = time.perf_counter()
-                all_paths = expand_input(edit.input)
-                if not pending_paths(prepared.spec, all_paths):
-                    typer.echo(format_summary(nothing_new(prepared.spec, len(all_paths), t0)))
+                done = all_done(prepared.spec)
+                if done is not None:
+                    typer.echo(format_summary(nothing_new(prepared.spec, done, t0)))
                     return
         with RunLock(edit.output).acquire(wait=wait_lock), captured(edit.output, verbose, preload) as log:
             if edit.runtime.executor == "ray":

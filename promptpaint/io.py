@@ -18,7 +18,7 @@ import re
 import struct
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "encode_png",
     "exists",
     "expand_input",
+    "iter_inputs",
     "join",
     "read_bytes",
     "read_png_text",
@@ -571,22 +572,76 @@ def expand_input(uri_or_glob: str, extensions: Sequence[str] | None = None) -> l
     when ``extensions`` is given. Both skip hidden entries (``.name``: AppleDouble ``._x.jpg`` files, temp
     files from :func:`atomic_write`, ``.git``) unless the glob itself names a dot entry, as a shell
     would. Local results are absolute paths; other URIs keep their ``scheme://``.
-    Raises FileNotFoundError when nothing matches.
+    Raises FileNotFoundError when nothing matches. For corpora too large to list at once, see
+    :func:`iter_inputs` (the same files in the same order, streamed).
+    """
+    return [path for path, _ in iter_inputs(uri_or_glob, extensions)]
+
+
+def iter_inputs(uri_or_glob: str, extensions: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
+    """``expand_input``'s files in the same (sorted) order, each with its output name (``output_names``),
+    streamed: a folder is walked one directory at a time, so memory is bounded by the largest directory,
+    not the corpus. (A glob is still listed whole: fsspec's glob returns every match at once.)
+    Raises FileNotFoundError when nothing matches (on the first ``next``).
     """
     fs, path = fsspec.core.url_to_fs(uri_or_glob)
     wanted = {e.lower().lstrip(".") for e in (extensions or IMAGE_EXTENSIONS)}
+    root = input_root(uri_or_glob)
     if _is_glob(uri_or_glob):
-        found = _glob_files(fs, path, wanted if extensions is not None else None)
+        found = sorted(
+            _with_scheme(uri_or_glob, fs, p) for p in _glob_files(fs, path, wanted if extensions is not None else None)
+        )
+        names = output_names(found, root)
+        stream: Iterator[tuple[str, str]] = ((p, names[p]) for p in found)
     elif fs.isfile(path):
-        found = [path]
+        uri = _with_scheme(uri_or_glob, fs, path)
+        stream = iter([(uri, output_names([uri], root)[uri])])
     elif fs.isdir(path):
-        root = path.rstrip("/")
-        found = [p for p in fs.find(path) if _extension(p) in wanted and not _hidden_below(root, p)]
+        stream = _walk_sorted(fs, path.rstrip("/") or "/", wanted, uri_or_glob, root)
     else:
         raise FileNotFoundError(f"input {uri_or_glob!r} does not exist")
-    if not found:
+    first = next(stream, None)
+    if first is None:
         raise FileNotFoundError(f"no input files matched {uri_or_glob!r} (extensions: {', '.join(sorted(wanted))})")
-    return sorted(_with_scheme(uri_or_glob, fs, p) for p in found)
+    yield first
+    yield from stream
+
+
+def _walk_sorted(
+    fs: fsspec.AbstractFileSystem, folder: str, wanted: set[str], original: str, root: str
+) -> Iterator[tuple[str, str]]:
+    """Files under ``folder`` in the order ``sorted()`` gives their full paths, one directory listed at a time.
+
+    In a directory, a subfolder ``a`` sorts as ``a/`` (everything under it starts so): files and subfolders
+    merged in that order give exactly the global sort, without holding more than one directory per level.
+    """
+    files, dirs = _list_dir(fs, folder)
+    names = output_names([_with_scheme(original, fs, f"{folder}/{n}") for n in files if _extension(n) in wanted], root)
+    entries = sorted([(n, False) for n in files] + [(n + "/", True) for n in dirs])
+    for key, is_dir in entries:
+        if is_dir:
+            yield from _walk_sorted(fs, f"{folder}/{key[:-1]}", wanted, original, root)
+        elif _extension(key) in wanted:
+            uri = _with_scheme(original, fs, f"{folder}/{key}")
+            yield uri, names[uri]
+
+
+def _list_dir(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list[str], list[str]]:
+    """(file names, folder names) directly in ``folder``, hidden ones left out."""
+    files, dirs = [], []
+    if isinstance(fs, LocalFileSystem):  # scandir: names and types without a stat per file
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                (dirs if e.is_dir() else files).append(e.name)
+        return files, dirs
+    for info in fs.ls(folder, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(".") or not name:
+            continue
+        (dirs if info.get("type") == "directory" else files).append(name)
+    return files, dirs
 
 
 def _is_glob(text: str) -> bool:

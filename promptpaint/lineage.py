@@ -244,8 +244,9 @@ class Lineage:
         self._safe(lambda: self.exp.log_metrics(stats, step=step))
 
     # -- end ---------------------------------------------------------------------------------
-    def finish(self, summary: dict[str, Any], manifest_bytes: bytes | None, spec_yaml: str) -> dict[str, Any]:
-        """Final metrics, sampled images, manifest + spec assets; closes the experiment.
+    def finish(self, summary: dict[str, Any], manifest_parts: list[str], spec_yaml: str) -> dict[str, Any]:
+        """Final metrics, sampled images, manifest (this run's parts as one Parquet file) + spec assets;
+        closes the experiment.
 
         Returns what the job summary should record about lineage.
         """
@@ -262,8 +263,7 @@ class Lineage:
             for row in samples:
                 self._log_sample(row)
             self.exp.log_asset_data(spec_yaml, name="spec.yaml")
-            if manifest_bytes is not None:
-                self.exp.log_asset_data(manifest_bytes, name="manifest.parquet")
+            self._log_manifest(manifest_parts)
             if self.mode == "online":
                 self._log_artifact()
 
@@ -278,6 +278,28 @@ class Lineage:
             "offline_archive": archive,
             "degraded": self.degraded or None,
         }
+
+    def _log_manifest(self, parts: list[str]) -> None:
+        """The run's parts combined into one file on local disk, part by part (the driver's memory stays flat)."""
+        from promptpaint.manifest import combine_file
+
+        folder = tempfile.mkdtemp(prefix="promptpaint-manifest-")
+        try:
+            path = os.path.join(folder, "manifest.parquet")
+            if combine_file(parts, path):
+                # copy_to_tmp: Comet uploads later, from its own copy; this folder goes now.
+                self.exp.log_asset(path, file_name="manifest.parquet", copy_to_tmp=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def fold(self, fingerprint_total: int, fingerprint_count: int, samples: list[dict[str, Any]]) -> None:
+        """A task block's share, computed where its rows were made: id sum and count, and its sample candidates."""
+        if self.exp is None:
+            return
+        self.fingerprint.total = (self.fingerprint.total + fingerprint_total) % 2**256
+        self.fingerprint.count += fingerprint_count
+        for row in samples:
+            self.sampler.offer(row)
 
     def abort(self, reason: str) -> None:
         """The job failed: record why and close the experiment (an offline archive is still written)."""

@@ -1,7 +1,8 @@
 """The Parquet manifest: one row per input, written in parts after the images they describe.
 
-``<output>/manifest/part-<run>-<seq>.parquet`` files are written atomically by the driver as results
-stream in, so a killed job keeps every part it finished and a re-run skips those ids. ``_SUCCESS``
+``<output>/manifest/part-<run>-<seq>.parquet`` files are written atomically by the process that wrote the
+task block's images (a Ray worker, or the local loop), one part per task block, so a killed job keeps
+every part it finished and a re-run skips those ids; the driver only learns the part names. ``_SUCCESS``
 (a JSON summary) is written last and removed when a new run starts.
 """
 
@@ -105,17 +106,39 @@ def read_manifest(output: str, columns: list[str] | None = None, latest: bool = 
     return table if columns is None else table.select(columns)
 
 
-def combine(uris: list[str]) -> bytes | None:
-    """Several manifest parts as one Parquet file's bytes (None when there are none)."""
+def combine_file(uris: list[str], path: str) -> int:
+    """Several manifest parts as one local Parquet file at ``path``, one part in memory at a time; returns
+    its rows (0 and no file when there are no parts). Columns a part lacks are nulls; types are promoted."""
     if not uris:
-        return None
-    tables = []
+        return 0
+    schemas = []
     for uri in uris:
         with fsspec.open(uri, "rb") as f:
-            tables.append(pq.read_table(f))
-    sink = _io.BytesIO()
-    pq.write_table(pa.concat_tables(tables, promote_options="permissive"), sink, compression="zstd")
-    return sink.getvalue()
+            schemas.append(pq.read_schema(f))
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as out:
+        for uri in uris:
+            with fsspec.open(uri, "rb") as f:
+                table = pq.read_table(f)
+            cols = [
+                table.column(field.name).cast(field.type) if field.name in table.column_names
+                else pa.nulls(len(table), field.type)
+                for field in schema
+            ]  # fmt: skip
+            out.write_table(pa.Table.from_arrays(cols, schema=schema))
+            rows += len(table)
+    return rows
+
+
+def read_keys(uris: Iterable[str]) -> set[tuple[str, str]]:
+    """The (id, input path) pairs in these parts (a run's own parts, read back after it)."""
+    keys: set[tuple[str, str]] = set()
+    for uri in uris:
+        with fsspec.open(uri, "rb") as f:
+            t = pq.read_table(f, columns=["id", "input_path"])
+        keys.update(zip(t.column("id").to_pylist(), t.column("input_path").to_pylist(), strict=True))
+    return keys
 
 
 @dataclass
@@ -202,38 +225,24 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-class ManifestWriter:
-    """Buffer rows and write a part every ``every`` rows (and on ``close``)."""
+def new_run() -> str:
+    """A run's part prefix, sortable by start time (microseconds): part order is run order, so the newest
+    row of an input wins (``read_manifest(latest=True)``)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}{int(now % 1 * 1e6):06d}-{uuid.uuid4().hex[:6]}"
 
-    def __init__(self, output: str, every: int = 256):
-        self.output = output
-        self.every = every
-        # Sortable by time (microseconds), so part order is run order: the newest row of an input wins.
-        now = time.time()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-        self.run = f"{stamp}{int(now % 1 * 1e6):06d}-{uuid.uuid4().hex[:6]}"
-        self.buffer: list[dict[str, Any]] = []
-        self.parts = 0
-        self.rows = 0
-        self.written: list[str] = []
 
-    def add(self, rows: Iterable[dict[str, Any]]) -> None:
-        self.buffer.extend(rows)
-        if len(self.buffer) >= self.every:
-            self.flush()
+def part_name(run: str, seq: int) -> str:
+    """The part holding the task block that starts at row ``seq`` of the listing. Deterministic: a retried
+    block rewrites its own part, never adds a second one."""
+    return f"part-{run}-{seq:012d}.parquet"
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        sink = _io.BytesIO()
-        pq.write_table(to_table(self.buffer), sink, compression="zstd")
-        name = f"part-{self.run}-{self.parts:05d}.parquet"
-        uri = join(self.output, MANIFEST_DIR, name)
-        atomic_write(uri, sink.getvalue())
-        self.written.append(uri)
-        self.parts += 1
-        self.rows += len(self.buffer)
-        self.buffer = []
 
-    def close(self) -> None:
-        self.flush()
+def write_part(output: str, name: str, rows: list[dict[str, Any]]) -> str:
+    """Write ``rows`` as the part ``name`` (atomically, where the rows were made); returns its URI."""
+    sink = _io.BytesIO()
+    pq.write_table(to_table(rows), sink, compression="zstd")
+    uri = join(output, MANIFEST_DIR, name)
+    atomic_write(uri, sink.getvalue())
+    return uri

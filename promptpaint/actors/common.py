@@ -100,8 +100,8 @@ def _object_column(v: list[Any]) -> np.ndarray:
 
 
 def split_batch(batch: Batch, size: int) -> list[Batch]:
-    """Consecutive slices of at most ``size`` rows."""
-    n = num_rows(batch)
+    """Consecutive slices of at most ``size`` rows (of any batch: a listing's, before ``id`` exists, too)."""
+    n = len(next(iter(batch.values()), ()))
     if n <= size:
         return [batch]
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +35,8 @@ from promptpaint.actors.scorer import Scorer
 from promptpaint.actors.segmenter import Segmenter
 from promptpaint.actors.writer import JSON_COLUMNS, TIMING_STAGES, Writer
 from promptpaint.config import EditSpec
-from promptpaint.io import expand_input, input_root, output_names, remove_temp_files
-from promptpaint.jobs.plan import MODEL_STAGES, ClusterShape, Plan, format_plan, plan
+from promptpaint.io import iter_inputs, remove_temp_files
+from promptpaint.jobs.plan import MODEL_STAGES, ClusterShape, Plan, format_plan, plan, task_blocks
 from promptpaint.lineage import Lineage, job_name, running_stats
 from promptpaint.models import (
     ModelNotAvailable,
@@ -47,7 +47,17 @@ from promptpaint.models import (
     weights_fingerprint,
 )
 
-__all__ = ["Chain", "JobFailed", "JobResult", "RayJobError", "describe_plan", "format_summary", "prepare", "run_job"]
+__all__ = [
+    "Chain",
+    "JobFailed",
+    "JobResult",
+    "Listing",
+    "RayJobError",
+    "describe_plan",
+    "format_summary",
+    "prepare",
+    "run_job",
+]
 
 # Error kinds the breaker counts: a broken stage, not a bad input file.
 BREAKER_KINDS = ("model_error", "internal_error")
@@ -55,10 +65,20 @@ BREAKER_KINDS = ("model_error", "internal_error")
 
 @dataclass
 class StageContext:
-    """What a stage needs beyond the spec: the ids to skip and the PNG text to stamp."""
+    """What a stage needs beyond the spec: the ids to skip and the PNG text to stamp; and what the recorder
+    (the end of the last group) needs: the run's part prefix, the run-level manifest columns, lineage's share."""
 
     done_ids: frozenset[Any] = frozenset()
     png_text: dict[str, str] = field(default_factory=dict)
+    run: str = ""  # manifest part prefix (manifest.new_run); "" = return rows, write no part (serve, tests)
+    run_cols: dict[str, Any] = field(default_factory=dict)
+    fingerprint: bool = False  # lineage on: sum the block's ids for the dataset fingerprint
+    sample_k: int = 0  # lineage's sample size: the block's k smallest ids go to the driver
+
+
+# Task-block bookkeeping columns, set by the listing and carried around the stages (never a stage's business):
+# ``block``, the task block's place in the listing (its first row); ``listed``, inputs listed when it was cut.
+CARRIED = ("block", "listed")
 
 
 # Registry: stage name -> constructor. A stage is a plain class; Ray only wires them.
@@ -75,11 +95,14 @@ STAGE_BUILDERS: dict[str, Callable[[EditSpec, StageContext], Callable[[Batch], B
 
 
 class Chain:
-    """Several stages in one process, run back to back on each block (stage fusion).
+    """Several stages in one process, run back to back on each task block (stage fusion).
 
-    Loads every model once in ``__init__``. ``__call__`` takes a block (a Ray numpy batch or a dict of
-    lists) and runs each stage on slices of ``stage_batch[stage]`` rows (the whole block for stages
-    without a batch size), so a block makes the same model calls whichever process runs which stages.
+    Loads every model once in ``__init__``. ``__call__`` takes a task block (a Ray numpy batch or a dict of
+    lists), cuts it into blocks of ``block_rows`` and runs each stage on slices of ``stage_batch[stage]`` rows
+    of a block (the whole block for stages without a batch size), so a block makes the same model calls
+    whichever process runs which stages and however blocks were grouped into task blocks. A chain that ends
+    with ``write`` and has a ``ctx.run`` records: it writes the block's manifest part and returns one
+    summary row instead of the rows (see ``Recorder``).
     """
 
     def __init__(
@@ -90,6 +113,7 @@ class Chain:
         stage_batch: dict[str, int] | None = None,
         num_threads: int | None = None,
         handoff: bool = False,
+        block_rows: int | None = None,
     ):
         if num_threads:
             import torch
@@ -99,17 +123,108 @@ class Chain:
         self.names = list(stages)
         self.stages = [STAGE_BUILDERS[name](spec, ctx) for name in self.names]
         self.stage_batch = dict(stage_batch or {})
+        self.block_rows = block_rows
         self.handoff = handoff
+        self.recorder = Recorder(spec, ctx) if ctx.run and self.names[-1:] == ["write"] else None
         self.node = ""  # set by the Ray executor: the node this process runs on (a manifest column)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        b = as_lists(batch)
+        b = concat_batches([self._task(t) for t in task_blocks_of(as_lists(batch))])
+        return to_numpy_batch(b, handoff=self.handoff) if self.handoff else b
+
+    def _task(self, b: Batch) -> Batch:
+        carried = {k: b.pop(k) for k in CARRIED if k in b}
+        blocks = split_batch(b, self.block_rows) if self.block_rows else [b]
+        b = concat_batches([self._run(block) for block in blocks])
+        if self.node:
+            b["node"] = [self.node] * len(b["id"])
+        b.update(carried)  # stages keep their rows and their order
+        return self.recorder(b) if self.recorder is not None else b
+
+    def _run(self, b: Batch) -> Batch:
         for name, st in zip(self.names, self.stages, strict=True):
             size = self.stage_batch.get(name)
             b = st(b) if not size else concat_batches([st(part) for part in split_batch(b, size)])
-        if self.node:
-            b["node"] = [self.node] * len(b["id"])
-        return to_numpy_batch(b, handoff=self.handoff) if self.handoff else b
+        return b
+
+
+class Recorder:
+    """The end of a job's last group, where the rows are made: the task block's slim rows become manifest rows
+    (run-level columns added), written as one part named by the block's place in the listing; the driver gets
+    one summary row back -- counts, error tallies, stage times, the part's name and lineage's share -- never
+    the rows. A retried block rewrites the same part."""
+
+    def __init__(self, spec: EditSpec, ctx: StageContext):
+        self.output = spec.output
+        self.ctx = ctx
+
+    def __call__(self, b: Batch) -> Batch:
+        from promptpaint.lineage import Sampler
+
+        n = len(b["id"])
+        counts: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        broken: dict[tuple[str, str], list[Any]] = {}
+        stage_ms: Counter[str] = Counter()
+        sampler, id_sum, rows = Sampler(self.ctx.sample_k), 0, []
+        for i in range(n):
+            row = {k: _py(v[i]) for k, v in b.items() if k not in CARRIED}
+            counts[row["status"]] += 1
+            if row["status"] == "skipped":  # already in the manifest from an earlier run
+                continue
+            if row["error_kind"]:
+                errors[row["error_kind"]] += 1
+                if row["error_kind"] in BREAKER_KINDS:
+                    first = (row["error_message"].splitlines() or [""])[0][:300]
+                    broken.setdefault((row["error_kind"], row["error_stage"]), [0, first])[0] += 1
+            for s in TIMING_STAGES:
+                stage_ms[s] += row.get(f"t_{s}_ms", 0.0)
+            rows.append(manifest_row(row, self.ctx.run_cols))
+            if self.ctx.fingerprint:
+                id_sum += int(rows[-1]["id"], 16)
+                sampler.offer(rows[-1])
+        block = int(b["block"][0]) if n else 0
+        part = manifest.write_part(self.output, manifest.part_name(self.ctx.run, block), rows) if rows else ""
+        summary = {
+            "block": block,
+            "rows": n,
+            "listed": int(max(b["listed"], default=0)),
+            "part": part,
+            "counts": dict(counts),
+            "errors": dict(errors),
+            "broken": [[kind, stage, k, msg] for (kind, stage), (k, msg) in broken.items()],
+            "stage_ms": dict(stage_ms),
+            "id_sum": f"{id_sum % 2**256:x}",
+            "ids": len(rows) if self.ctx.fingerprint else 0,
+            "samples": sampler.rows(),
+        }
+        return {"summary": [json.dumps(summary)]}
+
+
+def task_blocks_of(b: Batch) -> list[Batch]:
+    """A batch as the task blocks it holds, each processed on its own (Ray may hand several over at once).
+
+    The Ray listing sends a task block as one descriptor row (``paths``, ``names``: lists); later groups get
+    rows tagged with their ``block``; a batch without either (a test, serve) is one task block."""
+    if "paths" in b:
+        return [
+            {"path": list(paths), "name": list(names), "block": [block] * len(paths), "listed": [listed] * len(paths)}
+            for block, listed, paths, names in zip(b["block"], b["listed"], b["paths"], b["names"], strict=True)
+        ]
+    if "block" not in b:
+        return [b]
+    cuts = [i for i in range(1, len(b["block"])) if b["block"][i] != b["block"][i - 1]]
+    return [{k: v[i:j] for k, v in b.items()} for i, j in zip([0, *cuts], [*cuts, len(b["block"])], strict=True)]
+
+
+def manifest_row(row: dict[str, Any], run_cols: dict[str, Any]) -> dict[str, Any]:
+    """A slim row (the writer's output) as a manifest row: JSON columns decoded, run-level columns added."""
+    out = {k: row[k] for k in row if k not in ("path", *JSON_COLUMNS)}
+    out["input_path"] = row["path"]
+    for c in JSON_COLUMNS:
+        out[c] = json.loads(row[c])
+    out.update(run_cols)
+    return out
 
 
 class RayChain(Chain):
@@ -122,9 +237,9 @@ class RayChain(Chain):
         self.node = ray.get_runtime_context().get_node_id()
 
 
-def run_task_group(batch: dict[str, Any], spec: EditSpec, stages: list[str], ctx: StageContext) -> Any:
+def run_task_group(batch: dict[str, Any], spec: EditSpec, stages: list[str], ctx: StageContext, block_rows: int) -> Any:
     """Stateless CPU stages (read, write) as Ray tasks: their constructors are trivial."""
-    return Chain(spec, stages, ctx, handoff=True)(batch)
+    return Chain(spec, stages, ctx, handoff=True, block_rows=block_rows)(batch)
 
 
 @dataclass
@@ -260,69 +375,55 @@ def prepare(spec: EditSpec, shape: ClusterShape) -> Prepared:
 
 
 class _Consumer:
-    """Driver side: turn slim result rows into manifest rows, count, show progress, feed lineage."""
+    """Driver side: fold each task block's summary into counts, stage times and lineage; show progress.
 
-    def __init__(self, spec: EditSpec, models: dict[str, Any], total: int, progress: bool, lineage: Lineage):
+    Holds counts and part names only: the rows were written as manifest parts where they were made."""
+
+    def __init__(self, spec: EditSpec, progress: bool, lineage: Lineage):
         self.spec = spec
         self.lineage = lineage
-        # Run-level columns: the same for every row, added here rather than carried through the batches.
-        self.run_cols: dict[str, Any] = {
-            "spec_hash": spec.spec_hash(),
-            "experiment_key": lineage.key,
-            "lineage_mode": lineage.mode,
-            "lineage_artifact": lineage.artifact_note(),
-        }
-        for stage, info in models.items():
-            self.run_cols.update({f"model.{stage}.{k}": v for k, v in info.items()})
-        self.run_cols.update({f"spec.{k}": _scalar(v) for k, v in spec.flat().items()})
-        self.writer = manifest.ManifestWriter(spec.output, spec.runtime.manifest_every)
-        self.seen: set[tuple[str, str]] = set()
+        self.blocks: set[int] = set()  # task blocks seen (by first row): a retried block is counted once
+        self.parts: list[str] = []
         self.rows = 0
+        self.listed = 0
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.broken: Counter[tuple[str, str]] = Counter()  # (kind, stage) of breaker-counted errors
         self.first_message: dict[tuple[str, str], str] = {}
         self.stage_ms: Counter[str] = Counter()
-        self.bar = _progress_bar(total, progress)
+        self.bar = _progress_bar(progress)
 
-    def consume(self, batch: dict[str, Any]) -> None:
-        rows = []
-        n = len(batch["id"])
-        for i in range(n):
-            row = {k: _py(v[i]) for k, v in batch.items()}
-            key = (row["id"], row["path"])
-            self.rows += 1
-            self.bar.update(1)
-            if key in self.seen:  # a retried task delivered this row twice: the manifest has it
+    def consume(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for text in batch["summary"]:
+            b = json.loads(text)
+            if b["block"] in self.blocks:  # a retried task delivered this block twice: its part was rewritten
                 continue
-            self.counts[row["status"]] += 1
-            if row["status"] == "skipped":  # already in the manifest from an earlier run
-                continue
-            self.seen.add(key)
-            if row["error_kind"]:
-                self.errors[row["error_kind"]] += 1
-                if row["error_kind"] in BREAKER_KINDS:
-                    k = (row["error_kind"], row["error_stage"])
-                    self.broken[k] += 1
-                    self.first_message.setdefault(k, row["error_message"].splitlines()[0][:300])
-            for s in TIMING_STAGES:
-                self.stage_ms[s] += row.get(f"t_{s}_ms", 0.0)
-            rows.append(self._manifest_row(row))
-            self.lineage.see(rows[-1])
-        self.writer.add(rows)
-
-    def _manifest_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {k: row[k] for k in row if k not in ("path", *JSON_COLUMNS)}
-        out["input_path"] = row["path"]
-        for c in JSON_COLUMNS:
-            out[c] = json.loads(row[c])
-        out.update(self.run_cols)
+            self.blocks.add(b["block"])
+            out.append(b)
+            self.rows += b["rows"]
+            self.listed = max(self.listed, b["listed"])
+            if b["part"]:
+                self.parts.append(b["part"])
+            self.counts.update(b["counts"])
+            self.errors.update(b["errors"])
+            self.stage_ms.update(b["stage_ms"])
+            for kind, stage, n, message in b["broken"]:
+                self.broken[(kind, stage)] += n
+                self.first_message.setdefault((kind, stage), message)
+            self.lineage.fold(int(b["id_sum"], 16), b["ids"], b["samples"])
+            self.bar.total = max(self.listed, self.rows)
+            self.bar.update(b["rows"])
         return out
+
+    @property
+    def processed(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "skipped")
 
     def check_breaker(self) -> None:
         """JobFailed when more than ``limits.max_error_rate`` of the processed rows broke in a stage."""
         lim = self.spec.limits
-        processed = len(self.seen)
+        processed = self.processed
         failed = sum(self.broken.values())
         if (
             lim.max_error_rate is None
@@ -338,7 +439,6 @@ class _Consumer:
         )
 
     def close(self) -> None:
-        self.writer.close()
         self.bar.close()
 
 
@@ -350,43 +450,151 @@ def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc="promptpaint", disable=not enabled, file=sys.stderr)
+    # The total grows as the listing (streamed, a little ahead of the work) reports how far it got.
+    return tqdm(total=0, unit="img", desc="promptpaint", disable=not enabled, file=sys.stderr)
+
+
+def run_columns(spec: EditSpec, models: dict[str, Any], lineage: Lineage) -> dict[str, Any]:
+    """Run-level manifest columns: the same for every row, added where the parts are written."""
+    cols: dict[str, Any] = {
+        "spec_hash": spec.spec_hash(),
+        "experiment_key": lineage.key,
+        "lineage_mode": lineage.mode,
+        "lineage_artifact": lineage.artifact_note(),
+    }
+    for stage, info in models.items():
+        cols.update({f"model.{stage}.{k}": v for k, v in info.items()})
+    cols.update({f"spec.{k}": _scalar(v) for k, v in spec.flat().items()})
+    return cols
 
 
 # --------------------------------------------------------------------------------------------- executors
 
 
-def _blocks(items: list[dict[str, str]], rows: int) -> list[list[dict[str, str]]]:
-    return [items[i : i + rows] for i in range(0, len(items), rows)]
+@dataclass(frozen=True)
+class Listing:
+    """The inputs, streamed as task blocks: ``block`` (the place of its first row in the listing of pending
+    inputs), ``path`` and ``name`` (bytes: a non-UTF-8 file name is not an Arrow string) and ``listed`` (inputs
+    listed so far; on the last block, all of them). Runs in the driver (local executor) or in one Ray read task (Ray): the driver
+    never holds the list of inputs. ``done_paths`` (``--incremental``) are left out unread."""
+
+    input: str
+    plan: Plan
+    done_paths: frozenset[str] = frozenset()
+
+    def blocks(self) -> Iterator[dict[str, list[Any]]]:
+        sizes = task_blocks(self.plan)
+        want, seq, listed = next(sizes), 0, 0
+        rows: list[tuple[str, str]] = []
+        held: dict[str, list[Any]] | None = None  # one block held back: the last one learns the total
+        for path, name in iter_inputs(self.input):
+            listed += 1
+            if path in self.done_paths:
+                continue
+            rows.append((path, name))
+            if len(rows) == want:
+                if held is not None:
+                    yield held
+                held = self._block(seq, rows, listed)
+                seq, rows, want = seq + len(rows), [], next(sizes)
+        if rows:
+            if held is not None:
+                yield held
+            held = self._block(seq, rows, listed)
+        if held is not None:
+            held["listed"] = [listed] * len(held["block"])
+            yield held
+
+    @staticmethod
+    def _block(seq: int, rows: list[tuple[str, str]], listed: int) -> dict[str, list[Any]]:
+        return {
+            "block": [seq] * len(rows),
+            "path": [os.fsencode(p) for p, _ in rows],
+            "name": [os.fsencode(n) for _, n in rows],
+            "listed": [listed] * len(rows),
+        }
 
 
-def _local_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Batch]:
+def _local_batches(spec: EditSpec, p: Plan, listing: Listing, ctx: StageContext) -> Iterable[Batch]:
     import torch
 
     before = torch.get_num_threads()
-    chain = Chain(spec, p.stages, ctx, p.stage_batch, num_threads=p.threads if p.device == "cpu" else None)
+    chain = Chain(
+        spec, p.stages, ctx, p.stage_batch, num_threads=p.threads if p.device == "cpu" else None,
+        block_rows=p.block_rows,
+    )  # fmt: skip
     try:
-        for block in _blocks(items, p.block_rows):
-            yield chain({k: [it[k] for it in block] for k in block[0]})
+        for block in listing.blocks():
+            yield chain(block)
     finally:
         torch.set_num_threads(before)  # the plan's thread count is the job's, not the caller's
 
 
-def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: StageContext) -> Iterable[Any]:
+def _listing_source(listing: Listing) -> Any:
+    """A Ray Data datasource of one read task that runs the ``Listing`` and yields its task blocks as they are
+    cut: the listing streams on a worker, behind Ray Data's backpressure, and the driver holds none of it.
+    (Defined here: importing ray.data costs the local executor seconds.)"""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ListInputs(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: Any = None, data_context: Any = None) -> Any:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(lambda: _arrow_blocks(listing), meta)]
+
+    return ListInputs()
+
+
+def _arrow_blocks(listing: Listing) -> Iterator[Any]:
+    """Each task block as one descriptor row (``paths``/``names`` lists): Ray Data merges small blocks a read
+    task yields, so row boundaries are the only ones that survive to the ``repartition`` that follows."""
     import pyarrow as pa
+
+    for b in listing.blocks():
+        yield pa.table(
+            {
+                "block": pa.array(b["block"][:1], pa.int64()),
+                "listed": pa.array(b["listed"][:1], pa.int64()),
+                "paths": pa.array([b["path"]], pa.list_(pa.binary())),
+                "names": pa.array([b["name"]], pa.list_(pa.binary())),
+            }
+        )
+
+
+def _one_row_blocks(ds: Any) -> Any:
+    """``ds.repartition(target_num_rows_per_block=1, strict=True)``, but a 0-CPU task like the listing's: the
+    public call's task asks for 1 CPU, which a CPU model actor holding every CPU of the node never frees
+    (a silent deadlock on a 1-node CPU cluster). Ray Data's own logical operator, with our remote args."""
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    op = StreamingRepartition(
+        target_num_rows_per_block=1,
+        strict=True,
+        input_dependencies=[ds._logical_plan.dag],
+        ray_remote_args={"num_cpus": 0},
+    )
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+def _ray_batches(spec: EditSpec, p: Plan, listing: Listing, ctx: StageContext) -> Iterable[Any]:
     import ray
 
-    # One Ray block = one plan block, cut exactly as the local loop cuts them: batch composition then never
-    # depends on timing or on how Ray would split a list (batched CPU kernels' last bits, and so the output
-    # bytes, depend on which rows share a call).
-    # Paths travel as bytes (os.fsencode): a non-UTF-8 file name is not an Arrow string.
-    blocks = _blocks(items, p.block_rows)
-    ds = ray.data.from_blocks(
-        [pa.table({k: pa.array([os.fsencode(it[k]) for it in b], pa.binary()) for k in b[0]}) for b in blocks]
-    )
+    # One Ray block = one task block, cut by the listing (whole blocks of block_rows rows, in listing order),
+    # and every group splits it back into blocks as the local loop does: batch composition then never depends
+    # on timing or on how Ray would split a list (batched CPU kernels' last bits, and so the output bytes,
+    # depend on which rows share a call). num_cpus=0: listing is I/O, it must not wait for a CPU a model
+    # actor holds, and it keeps the read from fusing into the next group (its CPUs differ). One read task
+    # (override_num_blocks=1: else Ray Data splits its output to reach a read parallelism); then one descriptor
+    # row, one task block, per Ray block.
+    ds = _one_row_blocks(ray.data.read_datasource(_listing_source(listing), num_cpus=0, override_num_blocks=1))
     for g in p.groups:
         if g.uses_model:
             ds = ds.map_batches(
@@ -398,16 +606,17 @@ def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: Stag
                     "stage_batch": p.stage_batch,
                     "num_threads": g.threads,
                     "handoff": True,
+                    "block_rows": p.block_rows,
                 },
                 compute=ray.data.ActorPoolStrategy(
                     min_size=g.pool_min,
                     max_size=g.pool_max,
-                    # Start as many actors as there is work for: Ray Data grows a pool only under sustained
-                    # load, and a short job on a fresh cluster would otherwise finish on one node.
-                    initial_size=max(g.pool_min, min(g.pool_max, len(blocks))),
+                    # Start every actor there may be work for: Ray Data grows a pool only under sustained load,
+                    # and a short job on a fresh cluster would otherwise finish on one node.
+                    initial_size=g.pool_max,
                     enable_true_multi_threading=True,
                 ),
-                batch_size=None,  # whole blocks (see above)
+                batch_size=None,  # whole task blocks (see above)
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
                 num_gpus=g.num_gpus,
@@ -415,7 +624,7 @@ def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: Stag
         else:
             ds = ds.map_batches(
                 run_task_group,
-                fn_kwargs={"spec": spec, "stages": list(g.stages), "ctx": ctx},
+                fn_kwargs={"spec": spec, "stages": list(g.stages), "ctx": ctx, "block_rows": p.block_rows},
                 batch_size=None,
                 batch_format="numpy",
                 num_cpus=g.num_cpus,
@@ -430,15 +639,22 @@ def _ray_batches(spec: EditSpec, p: Plan, items: list[dict[str, str]], ctx: Stag
         raise failure
 
 
-def describe_plan(spec: EditSpec, paths: list[str], shape: ClusterShape | None = None) -> str:
-    """``--dry-run``: what the job would do. Runs the same preflight as the job (exit 2 / 1 alike)."""
+def describe_plan(spec: EditSpec, shape: ClusterShape | None = None) -> str:
+    """``--dry-run``: what the job would do. Runs the same preflight as the job (exit 2 / 1 alike).
+
+    Counts the inputs by streaming the listing (FileNotFoundError when there are none)."""
     shape = shape or local_shape()
     prep = prepare(spec, shape)
     state = manifest.load_state(spec.output)
+    n, first = 0, []
+    for path, _ in iter_inputs(spec.input):
+        n += 1
+        if n <= 10:
+            first.append(path)
     lines = [
-        f"inputs: {len(paths)} files matching {spec.input!r}",
-        *[f"  {p}" for p in paths[:10]],
-        *([f"  ... and {len(paths) - 10} more"] if len(paths) > 10 else []),
+        f"inputs: {n} files matching {spec.input!r}",
+        *[f"  {p}" for p in first],
+        *([f"  ... and {n - 10} more"] if n > 10 else []),
         f"already in the manifest: {len(state.final)} finished (skipped after hashing their bytes), "
         f"{len(state.transient)} with transient errors (retried)",
         f"output: {spec.output}  (spec hash {prep.spec.spec_hash()}, names: {spec.write.naming}, "
@@ -449,7 +665,6 @@ def describe_plan(spec: EditSpec, paths: list[str], shape: ClusterShape | None =
     ]
     for stage, m in prep.models.items():
         lines.append(f"  model {stage}: {m['name']} from {m['source']} (revision {m['revision']}, {m['weights']})")
-    n = len(paths)
     calls = {s: -(-n // b) for s, b in prep.plan.stage_batch.items()}
     lines.append(
         "model calls (at most, before skipping done ids and images without detections): "
@@ -472,13 +687,14 @@ def run_job(
 
     Inputs whose (id, path) the manifest holds with a final status are skipped after reading their bytes;
     inputs recorded with a transient error are retried, and their new row replaces the old one.
-    ``incremental`` also skips input *paths* this spec finished, unread. ``on_batch`` sees each result batch
-    (slim columns) as it reaches the driver. Raises SpecError (bad spec, before any model work), JobFailed
-    (error-rate breaker), RayJobError (a Ray task failed), ModelNotAvailable, LineageUnavailable.
+    ``incremental`` also skips input *paths* this spec finished, unread. ``on_batch`` sees each task block's
+    summary (seq, rows, part, counts, ...) as it reaches the driver. Raises SpecError (bad spec, before any
+    model work), FileNotFoundError (no inputs), JobFailed (error-rate breaker), RayJobError (a Ray task
+    failed), ModelNotAvailable, LineageUnavailable.
     """
     t0 = time.perf_counter()
     # 1. Inputs, the cluster, the plan and the models: every spec problem surfaces here, before model work.
-    all_paths = expand_input(spec.input)
+    next(iter_inputs(spec.input))  # FileNotFoundError now, not from inside a Ray task
     if spec.runtime.executor == "ray":
         from promptpaint.jobs.ray_runtime import cluster_shape, ensure_ray
 
@@ -491,16 +707,15 @@ def run_job(
     # (id, path) pairs, not ids: an input whose bytes equal one recorded under another path still
     # needs its own manifest row.
     state = manifest.load_state(spec.output)
-    paths = all_paths
+    done_paths: frozenset[str] = frozenset()
     if incremental:
-        paths = pending_paths(spec, all_paths, state)
-        if not paths:  # a scheduled run with nothing new: no Comet experiment, no model, no manifest part
-            return nothing_new(spec, len(all_paths), t0)
+        done_paths = frozenset(state.final_paths.get(spec.spec_hash(), ()))
+        done = all_done(spec, state)
+        if done is not None:  # a scheduled run with nothing new: no Comet experiment, no model
+            return nothing_new(spec, done, t0)
     # Lineage opens before any model work: its key goes into every PNG and manifest row, and
     # lineage.require fails here, not after hours of GPU time.
     lineage = Lineage.start(spec, job_name(spec), spec_path, models)
-    names = output_names(all_paths, input_root(spec.input))
-    items = [{"path": p, "name": names[p]} for p in paths]
     manifest.clear_success(spec.output)
     remove_temp_files(spec.output)  # a killed run's half-written files; no writer of ours runs yet
     ctx = StageContext(
@@ -512,44 +727,50 @@ def run_job(
             "promptpaint:models": json.dumps(models, sort_keys=True),
             "promptpaint:experiment_key": lineage.key,
         },
+        run=manifest.new_run(),
+        run_cols=run_columns(spec, models, lineage),
+        fingerprint=lineage.exp is not None,
+        sample_k=lineage.sampler.k,
     )
-    # 2. Stream results into the manifest as they arrive.
-    consumer = _Consumer(spec, models, len(paths), progress, lineage)
-    consumer.counts["skipped"] += len(all_paths) - len(paths)
+    # 2. Stream task-block summaries in; the parts are already written.
+    listing = Listing(spec.input, the_plan, done_paths)
+    consumer = _Consumer(spec, progress, lineage)
     batches = _local_batches if spec.runtime.executor == "local" else _ray_batches
     try:
-        if items:
-            for batch in batches(spec, the_plan, items, ctx):
-                consumer.consume(batch)
+        for batch in batches(spec, the_plan, listing, ctx):
+            for block in consumer.consume(batch):
                 lineage.on_batch(running_stats(consumer.counts, consumer.errors, consumer.stage_ms, t0), consumer.rows)
                 if on_batch is not None:
-                    on_batch(batch)
-                consumer.check_breaker()
+                    on_batch(block)
+            consumer.check_breaker()
     except BaseException as e:
         consumer.close()
         lineage.abort(f"{type(e).__name__}: {e}")
         raise
     consumer.close()
+    inputs = max(consumer.listed, consumer.rows)
+    consumer.counts["skipped"] += inputs - consumer.rows  # --incremental: left out by the listing, unread
     # An input has one row per output: this run's replaces an earlier transient error (whose id may differ:
     # an unreadable file's id hashes its path) and, with names from the input path, an earlier spec's row
-    # (its image file was just overwritten).
-    done_paths = {path for _, path in consumer.seen}
+    # (its image file was just overwritten). This run's keys are read back from its parts, only when needed.
     stale = state.transient | (state.final if spec.write.naming == "input" else set())
-    replaced = {k for k in stale if k[1] in done_paths} - consumer.seen
-    replaced |= consumer.seen & state.transient
-    superseded = manifest.supersede(spec.output, replaced, consumer.writer.written)
+    seen = manifest.read_keys(consumer.parts) if stale else set()
+    done = {path for _, path in seen}
+    replaced = {k for k in stale if k[1] in done} - seen
+    replaced |= seen & state.transient
+    superseded = manifest.supersede(spec.output, replaced, consumer.parts)
     export = None
     if spec.mode_info.export:  # from the whole manifest: earlier runs' rows count too
         export = coco.export(spec.output, spec.mode, spec.detect.texts, spec.input, spec.spec_hash())
     # 3. Summary, then _SUCCESS last.
     seconds = time.perf_counter() - t0
-    processed = sum(v for k, v in consumer.counts.items() if k != "skipped")
+    processed = consumer.processed
     summary = {
-        "inputs": len(all_paths),
+        "inputs": inputs,
         "processed": processed,
-        "counts": dict(consumer.counts),
+        "counts": {k: v for k, v in consumer.counts.items() if v},
         "errors": dict(consumer.errors),
-        "retried": len({path for _, path in state.transient} & done_paths),
+        "retried": len({path for _, path in state.transient} & done),
         "superseded_rows": superseded,
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 3) if seconds > 0 else 0.0,
@@ -560,22 +781,29 @@ def run_job(
         "models": models,
         "plan": format_plan(the_plan),
         "nodes": len(shape.nodes),
-        "manifest_rows_written": consumer.writer.rows,
+        "manifest_rows_written": processed,
+        "manifest_parts_written": len(consumer.parts),
         "mode": spec.mode,
     }
     if export is not None:
         summary["coco"] = export
-    summary["lineage"] = lineage.finish(summary, manifest.combine(consumer.writer.written), spec.to_yaml())
+    summary["lineage"] = lineage.finish(summary, sorted(consumer.parts), spec.to_yaml())
     manifest.write_success(spec.output, summary)
-    return JobResult(spec.output, len(all_paths), dict(consumer.counts), dict(consumer.errors), seconds, summary)
+    return JobResult(spec.output, inputs, dict(summary["counts"]), dict(consumer.errors), seconds, summary)
 
 
-def pending_paths(spec: EditSpec, all_paths: list[str], state: manifest.ManifestState | None = None) -> list[str]:
-    """Inputs ``--incremental`` still has to process: those without a final row under this spec's hash
-    (``spec`` as ``prepare`` returns it: its hash covers the weights and dtype)."""
+def all_done(spec: EditSpec, state: manifest.ManifestState | None = None) -> int | None:
+    """``--incremental`` with nothing to do: the number of inputs when every one has a final row under this
+    spec's hash (``spec`` as ``prepare`` returns it: its hash covers the weights and dtype), else None.
+    Streams the listing and stops at the first input still to do."""
     state = state if state is not None else manifest.load_state(spec.output)
     seen = state.final_paths.get(spec.spec_hash(), set())
-    return [p for p in all_paths if p not in seen]
+    n = 0
+    for path, _ in iter_inputs(spec.input):
+        if path not in seen:
+            return None
+        n += 1
+    return n
 
 
 def nothing_new(spec: EditSpec, inputs: int, t0: float) -> JobResult:

@@ -4,9 +4,13 @@ Pure: a function of the spec and the cluster's shape, no Ray. The local loop and
 same plan, so a block of rows is split into the same model calls on a laptop and on a cluster (same spec,
 same bytes).
 
-- A *block* is the unit of work: ``block_rows`` consecutive inputs, one Ray block, one local-loop step.
-  It is the largest model batch of the mode; each stage splits the block into its own batch size, so
+- A *block* is the unit of model work: ``block_rows`` consecutive inputs of the sorted listing. It is the
+  largest model batch of the mode; each stage splits the block into its own batch size, so
   ``batch_size.inpaint: 16`` runs 16 rows per inpaint call whatever the other stages use.
+- A *task block* (one Ray block, one manifest part, one local-loop step) is a run of whole blocks:
+  ``task_blocks`` gives their sizes, one block each at first (every actor gets work in a small job), then
+  doubling up to ``part_rows``, so a large corpus moves through Ray and the driver in few, large blocks.
+  Every process splits a task block back into blocks, so the model calls never depend on it.
 - Per-actor resources come from what **one node** holds: on CPU the fused actor takes the CPUs of the
   smallest node (one actor per node, torch threads = its CPUs), never the cluster total.
 - Pools autoscale from 1 actor to as many as the nodes hold (Ray Data ``concurrency=(min, max)``);
@@ -16,6 +20,7 @@ same bytes).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from promptpaint.config import EditSpec, SpecError
@@ -93,6 +98,7 @@ class Plan:
     stage_batch: dict[str, int] = field(default_factory=dict)  # rows per call of each stage of the mode
     groups: tuple[GroupPlan, ...] = ()
     threads: int = 1  # torch threads wherever a model runs on CPU (the local loop too)
+    part_rows: int = 256  # rows per task block at most (a multiple of block_rows): runtime.manifest_every
 
     @property
     def stages(self) -> list[str]:
@@ -169,7 +175,23 @@ def plan(spec: EditSpec, shape: ClusterShape) -> Plan:
             lo, hi = 1, max(1, fit // len(model_parts))
         threads = cpu_threads if device == "cpu" else max(1, int(cpus))
         groups.append(GroupPlan(tuple(part), lo, hi, cpus, gpus, threads))
-    return Plan(device, dtype, fuse, block_rows, stage_batch, tuple(groups), cpu_threads)
+    part_rows = block_rows * max(1, rt.manifest_every // block_rows)
+    return Plan(device, dtype, fuse, block_rows, stage_batch, tuple(groups), cpu_threads, part_rows)
+
+
+# Task blocks of one block each before the sizes start doubling: enough for every actor of a small job.
+WARM_BLOCKS = 8
+
+
+def task_blocks(p: Plan) -> Iterator[int]:
+    """Rows of each task block, in listing order: ``WARM_BLOCKS`` of ``block_rows``, then doubling up to
+    ``part_rows``. Depends on the spec only (not on the cluster), so a re-run cuts the same parts."""
+    rows, k = p.block_rows, 0
+    while True:
+        yield rows
+        k += 1
+        if k >= WARM_BLOCKS:
+            rows = min(rows * 2, p.part_rows)
 
 
 def _actor_cpus(shape: ClusterShape, device: str, single: bool) -> float:
@@ -193,8 +215,8 @@ def _describe(shape: ClusterShape) -> str:
 def format_plan(p: Plan) -> list[str]:
     """Human lines for ``--dry-run`` and the log."""
     lines = [
-        f"device {p.device} ({p.dtype}), fuse {p.fuse}, {p.block_rows} rows per block; rows per model call: "
-        + ", ".join(f"{s} {b}" for s, b in p.stage_batch.items())
+        f"device {p.device} ({p.dtype}), fuse {p.fuse}, {p.block_rows} rows per block, up to {p.part_rows} per task "
+        "block and manifest part; rows per model call: " + ", ".join(f"{s} {b}" for s, b in p.stage_batch.items())
     ]
     for g in p.groups:
         if g.uses_model:

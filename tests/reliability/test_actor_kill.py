@@ -23,11 +23,11 @@ class ActorKiller:
         self.rows = 0
         self.killed: list[int] = []
         self.pids_seen: set[int] = set()
-        self.delivered: Counter[str] = Counter()
+        self.delivered: Counter[int] = Counter()
 
     def __call__(self, batch: dict) -> None:
-        self.rows += len(batch["id"])
-        self.delivered.update(f"{i}|{p}" for i, p in zip(batch["id"], batch["path"], strict=True))
+        self.rows += batch["rows"]  # a task block's summary (its rows were written as a part on the worker)
+        self.delivered[batch["block"]] += 1
         workers = map_workers()
         self.pids_seen |= set(workers)
         if self.at and self.rows >= self.at[0]:
@@ -69,7 +69,7 @@ def test_actor_killed_mid_job_loses_and_duplicates_nothing(tmp_path, tiny_models
         inputs=len(inputs),
         kills=len(killer.killed),
         actor_pids_seen=len(killer.pids_seen),
-        rows_redelivered_to_driver=redelivered,
+        blocks_redelivered_to_driver=redelivered,
         temp_files=a.temp_files,
         bytes_equal_to_uninterrupted_loop=same_bytes,
         seconds=round(seconds, 1),

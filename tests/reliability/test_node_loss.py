@@ -41,7 +41,7 @@ try:
     seen = {"rows": 0}
 
     def on_batch(batch):
-        seen["rows"] += len(batch["id"])
+        seen["rows"] += batch["rows"]
         if report["kills"] == 0 and seen["rows"] >= 4:
             cluster.remove_node(workers[0])  # mid-job: actors and blocks on that node are lost
             report["kills"] += 1
