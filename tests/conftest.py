@@ -19,6 +19,8 @@ os.environ.pop("PROMPTPAINT_MODELS_DIR", None)
 
 import pytest  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -68,15 +70,24 @@ def make_lora(folder: Path, models: Path, model: str = "sd15", seed: int = 0, sc
 
 @pytest.fixture(scope="module")
 def serve_url(ray_session, tiny_models, tmp_path_factory):
-    """promptpaint's Serve app on 127.0.0.1 (a free port) over the tiny models, with a token and a LoRA store
-    holding two SD 1.5 LoRAs (``dog-a``, ``dog-b``); shut down after the module (it holds CPUs)."""
+    """promptpaint's Serve app deployed from cluster/serve_config.yaml (the RayService's serveConfigV2 but for
+    http_options.host: tests/test_cluster_manifests.py checks that) the way `serve run <config>` and KubeRay deploy
+    a config: Serve's controller imports the application's import_path and calls it with its args. Only what this
+    machine needs differs: a free port on 127.0.0.1; args.spec resolved from the repository root (the image's
+    WORKDIR on a cluster); and `set` overrides appended to the config's own: the tiny models, an output folder, a
+    token file, a LoRA store holding two SD 1.5 LoRAs (``dog-a``, ``dog-b``) and the small steps, batches, queues
+    and limits the tests measure against. Shut down after the module (it holds CPUs)."""
     import socket
+    import time
     from types import SimpleNamespace
 
+    import yaml
     from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-    from promptpaint.config import ServeSpec, build_spec
-    from promptpaint.serve.app import build
+    from promptpaint.config import load_serve_spec
 
     tmp = tmp_path_factory.mktemp("serve")
     store = tmp / "loras"
@@ -87,31 +98,40 @@ def serve_url(ray_session, tiny_models, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = build_spec(
-        ServeSpec,
-        {
-            "models_dir": str(tiny_models),
-            "output": str(tmp / "out"),
-            "lora_store": str(store),
-            "lora_cache": 1,
-            "inpaint": {"steps": 2},
-            "generate": {"steps": 2},
-            "detect": {"queries": ["dog"], "threshold": 0.0},
-            "http": {"host": "127.0.0.1", "port": port, "token_file": str(tmp / "token"),
-                     "max_body_bytes": 2 * 1024 * 1024},
-            "deployments": {"num_cpus": 0.2, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
-                            "max_ongoing_requests": 2, "max_queued_requests": 4},
-            "limits": {"max_pixels": 4_000_000},
-            "lineage": {"mode": "offline", "metrics_every_s": 1.0},
-            "sample_every": 5,
-            "max_steps": 200,
-            "max_generate_pixels": 128 * 128,
-        },
-    )  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(spec), name="promptpaint", route_prefix="/")
+    config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    args = app["args"]
+    args["spec"] = str(ROOT / args["spec"])
+    args["set"] = [*args.get("set", []),
+        f"models_dir={tiny_models}", f"output={tmp / 'out'}", f"lora_store={store}", "lora_cache=1",
+        "inpaint.steps=2", "generate.steps=2", "detect.queries=[dog]", "detect.threshold=0.0",
+        f"http.port={port}", f"http.token_file={tmp / 'token'}", f"http.max_body_bytes={2 * 1024 * 1024}",
+        "deployments.num_cpus=0.2", "deployments.max_batch_size=4", "deployments.batch_wait_timeout_s=0.02",
+        "deployments.max_ongoing_requests=2", "deployments.max_queued_requests=4", "limits.max_pixels=4000000",
+        "lineage.mode=offline", "lineage.metrics_every_s=1.0", "sample_every=5", "max_steps=200",
+        f"max_generate_pixels={128 * 128}"]  # fmt: skip
+    schema = ServeDeploySchema.model_validate(config)
+    # What ray.serve.scripts.run does with a config file (and the dashboard's PUT /api/serve/applications/, which a
+    # RayService calls, does with serveConfigV2): start Serve with the config's HTTP/gRPC options, apply the config.
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                   controller_options=schema.controller_options)  # fmt: skip
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", token=token, store=store, spec=spec, tmp=tmp)
+        client.deploy_apps(schema)
+        deadline = time.monotonic() + 600
+        while True:
+            status = serve.status().applications.get(app["name"])
+            if status is not None and status.status == ApplicationStatus.RUNNING:
+                break
+            if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+                pytest.fail(f"{app['name']} from cluster/serve_config.yaml: {status.status}: {status.message}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{app['name']} from cluster/serve_config.yaml is not running after 600 s: {status}")
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}{app['route_prefix'].rstrip('/')}"
+        spec = load_serve_spec(args["spec"], args["set"])  # what build_app built
+        yield SimpleNamespace(url=url, token=token, store=store, spec=spec, tmp=tmp, config=schema)
     finally:
         serve.shutdown()
     # the deployment's one Comet experiment, written as an offline archive when the ingress replica stopped

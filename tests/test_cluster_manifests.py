@@ -505,6 +505,20 @@ def _parse_cli(entrypoint: str) -> tuple[str, dict[str, Any]]:
     return argv[1], ctx.params
 
 
+def rayjob_spec_file(objects: list[dict[str, Any]], job: dict[str, Any]) -> tuple[str, str, str]:
+    """(mount path, file name, text) of the spec a RayJob's entrypoint names: a file of a ConfigMap mounted on the
+    head pod, where the entrypoint runs. tests/test_cluster_runs.py runs the entrypoint on it."""
+    name = job["metadata"]["name"]
+    _, params = _parse_cli(job["spec"]["entrypoint"])
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in head["volumes"]}
+    path = Path(params["spec"])
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if path.parent == Path(m["mountPath"])]
+    configmap = _one(objects, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    assert path.name in configmap["data"], f"{name}: {path.name} is not in ConfigMap {configmap['metadata']}"
+    return mount["mountPath"], path.name, configmap["data"][path.name]
+
+
 def test_rayjob_entrypoints_run_specs_that_load(objects, tmp_path):
     from promptpaint.config import load_edit_spec, load_train_spec
 
@@ -519,16 +533,10 @@ def test_rayjob_entrypoints_run_specs_that_load(objects, tmp_path):
         assert spec.get("suspend") is True, f"{name}: applied as a template; the CronJob / a patch starts runs"
         command, params = _parse_cli(spec["entrypoint"])
         commands[name] = command
-        # The spec file: in a ConfigMap mounted on the head, where the entrypoint runs.
-        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-        volumes = {v["name"]: v for v in head["volumes"]}
-        path = Path(params["spec"])
-        (mount,) = [m for m in head["containers"][0]["volumeMounts"] if path.parent == Path(m["mountPath"])]
-        configmap = _one(objects, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
-        assert path.name in configmap["data"], f"{name}: {path.name} is not in ConfigMap {configmap['metadata']}"
-        local = tmp_path / name / path.name
+        _, file_name, text = rayjob_spec_file(objects, job)
+        local = tmp_path / name / file_name
         local.parent.mkdir()
-        local.write_text(configmap["data"][path.name])
+        local.write_text(text)
         loaded = (load_edit_spec if command == "run" else load_train_spec)(local, list(params.get("set_") or []))
         uris = [loaded.input, loaded.output] if command == "run" else [loaded.output, loaded.train.instance_data]
         assert all("://" in u for u in uris), f"{name}: every pod must see the same data: use URIs, not paths"

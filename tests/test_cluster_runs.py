@@ -1,5 +1,7 @@
 """Scheduled runs on a cluster (issue 13): incremental runs over a growing folder, the run lock, the "nothing new"
-fast path, and `promptpaint submit` against a real local Ray head."""
+fast path, `promptpaint submit` against a real local Ray head, and the RayJobs' own entrypoints and specs
+(cluster/k8s/base: bulk edit and train) run on that head against a local S3 server, so the manifests cannot drift
+from the CLI."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -14,12 +17,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
+import httpx
 import pytest
 
 from promptpaint import manifest
 from promptpaint.jobs.lock import LOCK_NAME, RunLock, RunLocked
 from promptpaint.samples import make_samples
+from tests.test_cluster_manifests import _base_objects, _one, rayjob_spec_file
 from tests.test_hardening import stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +186,140 @@ def test_submit_runs_once_per_slot_and_wait_gives_the_exit_code(tmp_path, tiny_m
     bad.write_text(spec.read_text().replace('"detect"', '"detekt"', 1))
     failed = _cli("submit", str(bad), "--address", address, "--slot", "t1", "--wait", env=env)
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]  # the job's own exit code
+
+
+# ---------------------------------------------------------------------------------------------------- the RayJobs
+
+# Submits one entrypoint string as it is (KubeRay's HTTPMode does the same: POST /api/jobs/ with spec.entrypoint),
+# waits for the end within a limit, prints {"status", "logs"}. A subprocess: Ray's auth token is read once per process.
+_RAYJOB = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+
+address, entrypoint, env, timeout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+client = JobSubmissionClient(address)
+for attempt in range(30):  # a head that just started has no job agent yet
+    try:
+        sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+        break
+    except RuntimeError as e:
+        if "No available agent" not in str(e) or attempt == 29:
+            raise
+        time.sleep(2)
+deadline = time.monotonic() + timeout
+while (status := str(client.get_job_status(sid).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    if time.monotonic() > deadline:
+        client.stop_job(sid)
+        status = "TIMED OUT"
+        break
+    time.sleep(1)
+print(json.dumps({"status": status, "logs": client.get_job_logs(sid)}))
+"""
+
+
+def _run_rayjob(head: tuple[str, dict], entrypoint: str, env: dict[str, str], timeout: float) -> dict:
+    address, head_env = head
+    res = subprocess.run([sys.executable, "-c", _RAYJOB, address, entrypoint, json.dumps(env), str(timeout)],
+                         capture_output=True, text=True, timeout=timeout + 120, cwd=ROOT, env=head_env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A moto S3 server on 127.0.0.1; this process reaches it through the environment a user sets for an
+    S3-compatible store (AWS_ENDPOINT_URL and keys), which is returned for the job's runtime env."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fsspec.filesystem("s3").clear_instance_cache()
+    reset = f"{endpoint}/moto-api/reset"  # moto's buckets live in this process, shared by every server it starts
+    httpx.post(reset, timeout=10).raise_for_status()
+    try:
+        yield env
+    finally:
+        httpx.post(reset, timeout=10)
+        fsspec.filesystem("s3").clear_instance_cache()
+        server.stop()
+
+
+def _rayjob_here(name: str, tmp: Path) -> str:
+    """The entrypoint of RayJob `name` of cluster/k8s/base, its spec file (from the ConfigMap) written under `tmp`:
+    exactly as in the manifest but for the ConfigMap's mount path, which becomes `tmp`."""
+    objects = _base_objects()
+    job = _one(objects, "RayJob", name)
+    mount, file_name, text = rayjob_spec_file(objects, job)
+    (tmp / file_name).write_text(text)
+    entrypoint = job["spec"]["entrypoint"]
+    assert entrypoint.count(f"{mount}/") == 1, entrypoint
+    return entrypoint.replace(f"{mount}/", f"{tmp}/")
+
+
+@pytest.mark.heavy
+def test_the_bulk_edit_rayjob_runs_on_a_ray_head(tmp_path, tiny_models, ray_head, s3_server):
+    """cluster/k8s/base/rayjob-bulk-edit.yaml's entrypoint on its ConfigMap's spec (edit mode, executor ray,
+    s3:// in and out), submitted as KubeRay submits it to a token-auth head; only the mount path and the models
+    differ (tiny models here; the hub on a cluster)."""
+    import fsspec
+
+    from promptpaint.config import load_edit_spec
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    entrypoint = _rayjob_here("promptpaint-bulk-edit", specs)
+    entrypoint += f" --set models_dir={shlex.quote(str(tiny_models))}"
+    (spec_file,) = specs.iterdir()
+    spec = load_edit_spec(spec_file)
+    assert spec.input.startswith("s3://") and spec.output.startswith("s3://")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(urlparse(spec.input).netloc)  # the bucket
+    inputs = make_samples(tmp_path / "in", 3, size=(64, 48), seed=5)
+    for p in inputs:
+        fs.put_file(str(p), f"{spec.input.rstrip('/')}/{p.name}")
+    job = _run_rayjob(ray_head, entrypoint, s3_server, timeout=480)
+    assert job["status"] == "SUCCEEDED", job["logs"][-12000:]
+    table = manifest.read_manifest(spec.output)
+    assert table is not None, job["logs"][-12000:]
+    paths = table.column("input_path").to_pylist()
+    assert sorted(paths) == sorted(f"{spec.input.rstrip('/')}/{p.name}" for p in inputs), paths  # one row each
+    statuses = table.column("status").to_pylist()
+    assert set(statuses) <= {"edited", "no_detection"}, statuses
+    assert manifest.success_exists(spec.output)
+
+
+@pytest.mark.heavy
+def test_the_train_rayjob_runs_on_a_ray_head(tmp_path, tiny_models, ray_head, s3_server):
+    """cluster/k8s/base/rayjob-train.yaml's entrypoint on its ConfigMap's spec (s3:// subject photos, output and
+    Ray Train storage), on a token-auth head: tiny models, a few steps instead of 400 and a learning rate that moves
+    tiny random weights enough for the "the LoRA changes nothing" check."""
+    import fsspec
+
+    from promptpaint.config import load_train_spec
+    from promptpaint.samples import make_photos
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    entrypoint = _rayjob_here("promptpaint-train", specs)
+    small = [f"models_dir={tiny_models}", "train.max_steps=2", "train.checkpoint_every=1", "train.num_class_images=2",
+             "train.class_steps=2", "train.validation_steps=2", "train.learning_rate=0.01"]  # fmt: skip
+    entrypoint += "".join(f" --set {shlex.quote(s)}" for s in small)
+    (spec_file,) = specs.iterdir()
+    spec = load_train_spec(spec_file)
+    uris = (spec.output, spec.train.instance_data, spec.train.storage_path)
+    assert all(u.startswith("s3://") for u in uris), uris
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(urlparse(spec.output).netloc)
+    for p in make_photos(tmp_path / "dog", 3, (0.02, 0.06), seed=5):
+        fs.put_file(str(p), f"{spec.train.instance_data.rstrip('/')}/{Path(p).name}")
+    job = _run_rayjob(ray_head, entrypoint, s3_server, timeout=480)
+    assert job["status"] == "SUCCEEDED", job["logs"][-12000:]
+    assert fs.exists(f"{spec.output.rstrip('/')}/pytorch_lora_weights.safetensors"), fs.find(spec.output)
+    assert fs.find(spec.train.storage_path), "Ray Train's checkpoints go to train.storage_path"

@@ -1,7 +1,8 @@
 """The HTTP service on a real local Ray Serve (127.0.0.1, tiny models): endpoints, bit-exactness, determinism,
 auth, limits, 4xx for bad input, per-request LoRAs, overload, cancellation, and the Serve config file.
 
-One module-scoped server (``serve_url`` in conftest.py); every test is bounded in requests and time.
+One module-scoped server (``serve_url`` in conftest.py), deployed from cluster/serve_config.yaml as a RayService
+deploys its serveConfigV2; every test is bounded in requests and time.
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ def test_health_models_and_openapi(client, serve_url):
         "queries"
         in spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     )
+
+
+def test_the_running_app_is_cluster_serve_config(serve_url):
+    """The module's server is cluster/serve_config.yaml deployed (conftest's serve_url): Serve's own account of it,
+    the one KubeRay reads for a RayService's status (the dashboard's GET /api/serve/applications/), names the
+    config's application, running, every deployment healthy."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    (want,) = serve_url.config.applications
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    app = details.applications[want.name]
+    assert app.status == "RUNNING" and app.route_prefix == want.route_prefix
+    deployed = app.deployed_app_config
+    assert (deployed.import_path, deployed.args) == (want.import_path, want.args)
+    assert set(app.deployments) == {"ingress", "detect", "segment", "inpaint", "generate"}
+    assert {d.status for d in app.deployments.values()} == {"HEALTHY"}
 
 
 def test_detect_and_segment_round_trip(client, photo):
