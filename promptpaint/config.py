@@ -409,7 +409,14 @@ class RuntimeSpec(_Section):
     fuse: Literal["auto", "all", "models", "none"] = Field(
         "auto", description="auto = all on CPU, models on GPU (read and write as CPU tasks); none = a pool per stage"
     )
-    manifest_every: int = Field(256, ge=1, description="rows per manifest part file")
+    manifest_every: int = Field(
+        256,
+        ge=1,
+        description=(
+            "rows per task block (one Ray block, one manifest part) at most, rounded down to whole model blocks; "
+            "blocks start at one model block and double up to it"
+        ),
+    )
 
     @field_validator("device")
     @classmethod

