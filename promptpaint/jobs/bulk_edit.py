@@ -13,6 +13,7 @@ job when too many rows fail in a model stage or in our own code (``limits.max_er
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -584,8 +585,17 @@ def _one_row_blocks(ds: Any) -> Any:
     return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
+def _first_blocks(listing: Listing, p: Plan, most: int) -> int:
+    """How many of the first ``most`` blocks the corpus fills (the listing's start only): a pool starts no more
+    actors than there are blocks for them, and a tiny job does not load its models on every core."""
+    rows = sum(1 for _ in itertools.islice(iter_inputs(listing.input), most * p.block_rows))
+    return -(-rows // p.block_rows)
+
+
 def _ray_batches(spec: EditSpec, p: Plan, listing: Listing, ctx: StageContext) -> Iterable[Any]:
     import ray
+
+    blocks = _first_blocks(listing, p, max((g.pool_max for g in p.groups), default=1))
 
     # One Ray block = one task block, cut by the listing (whole blocks of block_rows rows, in listing order),
     # and every group splits it back into blocks as the local loop does: batch composition then never depends
@@ -611,9 +621,9 @@ def _ray_batches(spec: EditSpec, p: Plan, listing: Listing, ctx: StageContext) -
                 compute=ray.data.ActorPoolStrategy(
                     min_size=g.pool_min,
                     max_size=g.pool_max,
-                    # Start every actor there may be work for: Ray Data grows a pool only under sustained load,
+                    # Start as many actors as there is work for: Ray Data grows a pool only under sustained load,
                     # and a short job on a fresh cluster would otherwise finish on one node.
-                    initial_size=g.pool_max,
+                    initial_size=max(g.pool_min, min(g.pool_max, blocks)),
                     enable_true_multi_threading=True,
                 ),
                 batch_size=None,  # whole task blocks (see above)
@@ -768,7 +778,7 @@ def run_job(
     summary = {
         "inputs": inputs,
         "processed": processed,
-        "counts": {k: v for k, v in consumer.counts.items() if v},
+        "counts": dict(consumer.counts),
         "errors": dict(consumer.errors),
         "retried": len({path for _, path in state.transient} & done),
         "superseded_rows": superseded,
