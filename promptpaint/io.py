@@ -636,11 +636,15 @@ def _list_dir(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list[str], li
                     continue
                 (dirs if e.is_dir() else files).append(e.name)
         return files, dirs
+    # Fresh, and not kept: s3fs/gcsfs cache every listing they make (a second run in this process would miss
+    # new files, and a walk over a whole corpus would keep all of it in memory).
+    fs.invalidate_cache(folder)
     for info in fs.ls(folder, detail=True):
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
         if name.startswith(".") or not name:
             continue
         (dirs if info.get("type") == "directory" else files).append(name)
+    fs.invalidate_cache(folder)
     return files, dirs
 
 
