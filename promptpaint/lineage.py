@@ -1,7 +1,8 @@
 """Lineage to Comet: one experiment per job, a bounded number of calls whatever the corpus size.
 
 ``Lineage.start`` opens the experiment on the driver before any model work (so its key can be stamped
-into every output PNG and manifest row), ``on_batch`` logs metrics as results stream in (throttled),
+into every output PNG and manifest row), ``fold`` takes each task block's share of the dataset fingerprint
+and image sample (computed where its rows were made), ``on_batch`` logs metrics as results stream in (throttled),
 ``finish`` logs the sampled images, the manifest and the spec, then closes the experiment. Offline
 archives land in ``<output>/comet/`` and upload later with ``comet upload``.
 
@@ -227,13 +228,6 @@ class Lineage:
             "online": f"comet artifact promptpaint-{self.spec.spec_hash()}",
             "offline": "offline: manifest logged as an asset (Comet Artifacts need an online experiment)",
         }.get(self.mode, "off")
-
-    def see(self, row: dict[str, Any]) -> None:
-        """Every result row passes here (driver side, cheap): fingerprint and sample."""
-        if self.exp is None:
-            return
-        self.fingerprint.add(row["id"])
-        self.sampler.offer(row)
 
     def on_batch(self, stats: dict[str, Any], step: int, force: bool = False) -> None:
         """Metrics so far; at most one Comet call every ``lineage.metrics_every_s`` seconds."""

@@ -479,8 +479,9 @@ def run_columns(spec: EditSpec, models: dict[str, Any], lineage: Lineage) -> dic
 class Listing:
     """The inputs, streamed as task blocks: ``block`` (the place of its first row in the listing of pending
     inputs), ``path`` and ``name`` (bytes: a non-UTF-8 file name is not an Arrow string) and ``listed`` (inputs
-    listed so far; on the last block, all of them). Runs in the driver (local executor) or in one Ray read task (Ray): the driver
-    never holds the list of inputs. ``done_paths`` (``--incremental``) are left out unread."""
+    listed so far; on the last block, all of them). Runs in the driver (local executor) or in one Ray read
+    task (Ray): the driver never holds the list of inputs. ``done_paths`` (``--incremental``) are left out,
+    unread."""
 
     input: str
     plan: Plan
