@@ -71,6 +71,7 @@ def test_listing_cuts_task_blocks_and_leaves_out_done_paths(tmp_path):
     assert paths == sorted(str(q) for q in tmp_path.iterdir() if str(q) not in done)
     assert [b["block"][0] for b in blocks] == [sum(sizes[:k]) for k in range(len(sizes))]
     assert blocks[-1]["listed"] == [50] * 12  # the last block knows the whole listing, done paths included
+    assert [b["last"][0] for b in blocks] == [0] * (len(blocks) - 1) + [1]
     assert all(len(set(b["block"])) == 1 for b in blocks)
 
 
@@ -80,13 +81,14 @@ def test_a_batch_holding_several_task_blocks_is_cut_back_into_them():
     rows = {"id": list("abcdefg"), "block": [8, 8, 0, 0, 0, 0, 4], "listed": [10] * 7}
     parts = task_blocks_of(rows)
     assert [p["id"] for p in parts] == [["a", "b"], ["c", "d", "e", "f"], ["g"]]
-    descriptors = {"block": [0, 3], "listed": [3, 5], "paths": [[b"x", b"y", b"z"], [b"u", b"v"]],
+    descriptors = {"block": [0, 3], "listed": [3, 5], "last": [0, 1], "paths": [[b"x", b"y", b"z"], [b"u", b"v"]],
                    "names": [[b"x", b"y", b"z"], [b"u", b"v"]]}  # fmt: skip
     a, b = task_blocks_of(descriptors)
-    assert a == {"path": [b"x", b"y", b"z"], "name": [b"x", b"y", b"z"], "block": [0, 0, 0], "listed": [3, 3, 3]}
+    assert a == {"path": [b"x", b"y", b"z"], "name": [b"x", b"y", b"z"], "block": [0, 0, 0], "listed": [3, 3, 3],
+                 "last": [0, 0, 0]}  # fmt: skip
     assert b["block"] == [3, 3] and b["listed"] == [5, 5]
     assert task_blocks_of({"id": ["a"]}) == [{"id": ["a"]}]  # no bookkeeping: one block (serve, tests)
-    assert set(CARRIED) == {"block", "listed"}
+    assert set(CARRIED) == {"block", "listed", "last"}
 
 
 def slim_rows(n: int, status: str = "error", block: int = 40) -> dict[str, list[Any]]:
@@ -118,7 +120,7 @@ def test_the_recorder_writes_one_part_per_block_and_returns_only_a_summary(tmp_p
     import json
 
     s = json.loads(first["summary"][0])
-    assert (s["block"], s["rows"], s["listed"]) == (40, 5, 99)
+    assert (s["block"], s["rows"], s["listed"], s["last"]) == (40, 5, 99, False)
     assert s["counts"] == {"error": 5} and s["errors"] == {"model_error": 5}
     assert s["broken"] == [["model_error", "inpaint", 5, "CUDA out of memory"]]
     assert s["stage_ms"]["read"] == 7.5 and s["ids"] == 5 and int(s["id_sum"], 16) == sum(range(1, 6))
@@ -153,6 +155,7 @@ def test_the_driver_gets_block_summaries_and_parts_hold_every_row_once(tmp_path,
     result = run_job(build_spec(EditSpec, data), progress=False, on_batch=seen.append)
     assert all("id" not in b and "path" not in b for b in seen)
     assert sum(b["rows"] for b in seen) == 30 == result.inputs
+    assert [b["listed"] for b in seen if b["last"]] == [30]  # exactly one block ends the listing
     assert sorted(b["block"] for b in seen) == [2 * k for k in range(WARM_BLOCKS)] + [16, 20, 28]
     parts = manifest.part_paths(str(out))
     assert len(parts) == len(seen) == result.summary["manifest_parts_written"]

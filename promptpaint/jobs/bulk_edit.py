@@ -78,8 +78,9 @@ class StageContext:
 
 
 # Task-block bookkeeping columns, set by the listing and carried around the stages (never a stage's business):
-# ``block``, the task block's place in the listing (its first row); ``listed``, inputs listed when it was cut.
-CARRIED = ("block", "listed")
+# ``block``, the task block's place in the listing (its first row); ``listed``, inputs listed when it was cut;
+# ``last``, 1 on the listing's last block (whose ``listed`` is then the number of inputs).
+CARRIED = ("block", "listed", "last")
 
 
 # Registry: stage name -> constructor. A stage is a plain class; Ray only wires them.
@@ -190,6 +191,7 @@ class Recorder:
             "block": block,
             "rows": n,
             "listed": int(max(b["listed"], default=0)),
+            "last": bool(max(b.get("last", [0]), default=0)),
             "part": part,
             "counts": dict(counts),
             "errors": dict(errors),
@@ -209,8 +211,16 @@ def task_blocks_of(b: Batch) -> list[Batch]:
     rows tagged with their ``block``; a batch without either (a test, serve) is one task block."""
     if "paths" in b:
         return [
-            {"path": list(paths), "name": list(names), "block": [block] * len(paths), "listed": [listed] * len(paths)}
-            for block, listed, paths, names in zip(b["block"], b["listed"], b["paths"], b["names"], strict=True)
+            {
+                "path": list(paths),
+                "name": list(names),
+                "block": [block] * len(paths),
+                "listed": [listed] * len(paths),
+                "last": [last] * len(paths),
+            }
+            for block, listed, last, paths, names in zip(
+                b["block"], b["listed"], b["last"], b["paths"], b["names"], strict=True
+            )
         ]
     if "block" not in b:
         return [b]
@@ -413,7 +423,8 @@ class _Consumer:
                 self.broken[(kind, stage)] += n
                 self.first_message.setdefault((kind, stage), message)
             self.lineage.fold(int(b["id_sum"], 16), b["ids"], b["samples"])
-            self.bar.total = max(self.listed, self.rows)
+            if b["last"]:  # the listing has ended: from now on the bar knows its total
+                self.bar.total = b["listed"]
             self.bar.update(b["rows"])
         return out
 
@@ -454,8 +465,8 @@ def _py(v: Any) -> Any:
 def _progress_bar(enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    # The total grows as the listing (streamed, a little ahead of the work) reports how far it got.
-    return tqdm(total=0, unit="img", desc="promptpaint", disable=not enabled, file=sys.stderr)
+    # No total while the listing streams (a count and a rate); the listing's last block brings it.
+    return tqdm(total=None, unit="img", desc="promptpaint", disable=not enabled, file=sys.stderr)
 
 
 def run_columns(spec: EditSpec, models: dict[str, Any], lineage: Lineage) -> dict[str, Any]:
@@ -508,6 +519,7 @@ class Listing:
             held = self._block(seq, rows, listed)
         if held is not None:
             held["listed"] = [listed] * len(held["block"])
+            held["last"] = [1] * len(held["block"])
             yield held
 
     @staticmethod
@@ -517,6 +529,7 @@ class Listing:
             "path": [os.fsencode(p) for p, _ in rows],
             "name": [os.fsencode(n) for _, n in rows],
             "listed": [listed] * len(rows),
+            "last": [0] * len(rows),
         }
 
 
@@ -563,6 +576,7 @@ def _arrow_blocks(listing: Listing) -> Iterator[Any]:
             {
                 "block": pa.array(b["block"][:1], pa.int64()),
                 "listed": pa.array(b["listed"][:1], pa.int64()),
+                "last": pa.array(b["last"][:1], pa.int8()),
                 "paths": pa.array([b["path"]], pa.list_(pa.binary())),
                 "names": pa.array([b["name"]], pa.list_(pa.binary())),
             }
