@@ -713,7 +713,7 @@ def run_job(
     Inputs whose (id, path) the manifest holds with a final status are skipped after reading their bytes;
     inputs recorded with a transient error are retried, and their new row replaces the old one.
     ``incremental`` also skips input *paths* this spec finished, unread. ``on_batch`` sees each task block's
-    summary (seq, rows, part, counts, ...) as it reaches the driver. Raises SpecError (bad spec, before any
+    summary (block, rows, listed, last, part, counts, ...) as it reaches the driver. Raises SpecError (bad spec, before any
     model work), FileNotFoundError (no inputs), JobFailed (error-rate breaker), RayJobError (a Ray task
     failed), ModelNotAvailable, LineageUnavailable.
     """
