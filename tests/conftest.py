@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before anything imports transformers/diffusers/ultralytics/comet: never reach for a hub.
@@ -20,6 +23,46 @@ os.environ.pop("PROMPTPAINT_MODELS_DIR", None)
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1, reached through the environment a user sets for an S3-compatible store
+    (AWS_ENDPOINT_URL and keys): set in this process while it runs, and yielded (a job's runtime env needs it).
+    moto keeps its buckets in this process, shared by every server it starts: they are reset at start and end.
+    (Import it as ``from conftest import moto_s3``.)"""
+    import fsspec
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.filesystem("s3").clear_instance_cache()
+    httpx.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    try:
+        yield env
+    finally:
+        httpx.post(f"{endpoint}/moto-api/reset", timeout=10)
+        fsspec.filesystem("s3").clear_instance_cache()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +120,6 @@ def serve_url(ray_session, tiny_models, tmp_path_factory):
     WORKDIR on a cluster); and `set` overrides appended to the config's own: the tiny models, an output folder, a
     token file, a LoRA store holding two SD 1.5 LoRAs (``dog-a``, ``dog-b``) and the small steps, batches, queues
     and limits the tests measure against. Shut down after the module (it holds CPUs)."""
-    import socket
     import time
     from types import SimpleNamespace
 
@@ -95,9 +137,7 @@ def serve_url(ray_session, tiny_models, tmp_path_factory):
     make_lora(store / "dog-b", tiny_models, seed=2)
     token = "test-token-123"
     (tmp / "token").write_text(token)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     (app,) = config["applications"]

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 import pytest
+from conftest import free_port, moto_s3
 
 from promptpaint import manifest
 from promptpaint.jobs.lock import LOCK_NAME, RunLock, RunLocked
@@ -136,12 +136,6 @@ def test_a_second_run_on_a_locked_output_exits_without_processing(tmp_path, tiny
 # ---------------------------------------------------------------------------------------------------- submit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with its job API, in a private temp dir; stopped after the test."""
@@ -151,10 +145,10 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the venv, as when activated  # fmt: skip
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Every port of its own: the defaults (dashboard agent 52365, runtime-env agent, metrics) are taken by the
     # test session's Ray, and a head without its agent answers every submit with "No available agent".
-    agent, grpc, renv, metrics = (_free_port() for _ in range(4))
+    agent, grpc, renv, metrics = (free_port() for _ in range(4))
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
@@ -226,29 +220,10 @@ def _run_rayjob(head: tuple[str, dict], entrypoint: str, env: dict[str, str], ti
 
 
 @pytest.fixture
-def s3_server(monkeypatch):
-    """A moto S3 server on 127.0.0.1; this process reaches it through the environment a user sets for an
-    S3-compatible store (AWS_ENDPOINT_URL and keys), which is returned for the job's runtime env."""
-    import fsspec
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    fsspec.filesystem("s3").clear_instance_cache()
-    reset = f"{endpoint}/moto-api/reset"  # moto's buckets live in this process, shared by every server it starts
-    httpx.post(reset, timeout=10).raise_for_status()
-    try:
+def s3_server():
+    """A moto S3 server on 127.0.0.1 and the environment that reaches it (for the job's runtime env too)."""
+    with moto_s3() as env:
         yield env
-    finally:
-        httpx.post(reset, timeout=10)
-        fsspec.filesystem("s3").clear_instance_cache()
-        server.stop()
 
 
 def _rayjob_here(name: str, tmp: Path) -> str:

@@ -3,11 +3,10 @@ S3-compatible server (moto on 127.0.0.1), through s3fs as users configure it (AW
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import moto_s3
 
 from promptpaint import manifest
 from promptpaint.config import EditSpec, build_spec
@@ -20,32 +19,13 @@ pytestmark = pytest.mark.heavy
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 and the environment a user sets for an S3-compatible endpoint."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    """A moto S3 server on 127.0.0.1 (the environment a user sets for an S3-compatible endpoint) with a bucket."""
     import fsspec
 
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("pp-test")
-    try:
+    with moto_s3():
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("pp-test")
         yield fs
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def _upload(fs, local: Path, prefix: str) -> None:
