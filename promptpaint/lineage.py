@@ -109,6 +109,11 @@ class Fingerprint:
         self.total = (self.total + int(hex_id, 16)) % 2**256
         self.count += 1
 
+    def merge(self, hexdigest: str, count: int) -> None:
+        """Add another fingerprint (of a disjoint part of the stream, e.g. a task block's)."""
+        self.total = (self.total + int(hexdigest, 16)) % 2**256
+        self.count += count
+
     def hexdigest(self) -> str:
         return f"{self.total:064x}"
 
@@ -286,12 +291,12 @@ class Lineage:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def fold(self, fingerprint_total: int, fingerprint_count: int, samples: list[dict[str, Any]]) -> None:
-        """A task block's share, computed where its rows were made: id sum and count, and its sample candidates."""
+    def fold(self, fingerprint: str, count: int, samples: list[dict[str, Any]]) -> None:
+        """A task block's share, computed where its rows were made: its ids' fingerprint and count, and its
+        sample candidates."""
         if self.exp is None:
             return
-        self.fingerprint.total = (self.fingerprint.total + fingerprint_total) % 2**256
-        self.fingerprint.count += fingerprint_count
+        self.fingerprint.merge(fingerprint, count)
         for row in samples:
             self.sampler.offer(row)
 

@@ -123,7 +123,7 @@ def test_the_recorder_writes_one_part_per_block_and_returns_only_a_summary(tmp_p
     assert (s["block"], s["rows"], s["listed"], s["last"]) == (40, 5, 99, False)
     assert s["counts"] == {"error": 5} and s["errors"] == {"model_error": 5}
     assert s["broken"] == [["model_error", "inpaint", 5, "CUDA out of memory"]]
-    assert s["stage_ms"]["read"] == 7.5 and s["ids"] == 5 and int(s["id_sum"], 16) == sum(range(1, 6))
+    assert s["stage_ms"]["read"] == 7.5 and s["ids"] == 5 and int(s["fingerprint"], 16) == sum(range(1, 6))
     assert s["samples"] == []  # errors are never sampled
     edited = json.loads(rec(slim_rows(4, status="edited", block=0))["summary"][0])
     assert [r["id"] for r in edited["samples"]] == [f"{1:064x}", f"{2:064x}"]  # the block's k smallest ids

@@ -161,14 +161,14 @@ class Recorder:
         self.ctx = ctx
 
     def __call__(self, b: Batch) -> Batch:
-        from promptpaint.lineage import Sampler
+        from promptpaint.lineage import Fingerprint, Sampler
 
         n = len(b["id"])
         counts: Counter[str] = Counter()
         errors: Counter[str] = Counter()
         broken: dict[tuple[str, str], list[Any]] = {}
         stage_ms: Counter[str] = Counter()
-        sampler, id_sum, rows = Sampler(self.ctx.sample_k), 0, []
+        sampler, fingerprint, rows = Sampler(self.ctx.sample_k), Fingerprint(), []
         for i in range(n):
             row = {k: _py(v[i]) for k, v in b.items() if k not in CARRIED}
             counts[row["status"]] += 1
@@ -183,7 +183,7 @@ class Recorder:
                 stage_ms[s] += row.get(f"t_{s}_ms", 0.0)
             rows.append(manifest_row(row, self.ctx.run_cols))
             if self.ctx.fingerprint:
-                id_sum += int(rows[-1]["id"], 16)
+                fingerprint.add(rows[-1]["id"])
                 sampler.offer(rows[-1])
         block = int(b["block"][0]) if n else 0
         part = manifest.write_part(self.output, manifest.part_name(self.ctx.run, block), rows) if rows else ""
@@ -197,8 +197,8 @@ class Recorder:
             "errors": dict(errors),
             "broken": [[kind, stage, k, msg] for (kind, stage), (k, msg) in broken.items()],
             "stage_ms": dict(stage_ms),
-            "id_sum": f"{id_sum % 2**256:x}",
-            "ids": len(rows) if self.ctx.fingerprint else 0,
+            "fingerprint": fingerprint.hexdigest(),
+            "ids": fingerprint.count,
             "samples": sampler.rows(),
         }
         return {"summary": [json.dumps(summary)]}
@@ -422,7 +422,7 @@ class _Consumer:
             for kind, stage, n, message in b["broken"]:
                 self.broken[(kind, stage)] += n
                 self.first_message.setdefault((kind, stage), message)
-            self.lineage.fold(int(b["id_sum"], 16), b["ids"], b["samples"])
+            self.lineage.fold(b["fingerprint"], b["ids"], b["samples"])
             if b["last"]:  # the listing has ended: from now on the bar knows its total
                 self.bar.total = b["listed"]
             self.bar.update(b["rows"])
