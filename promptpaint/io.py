@@ -616,12 +616,12 @@ def _walk_sorted(
     merged in that order give exactly the global sort, without holding more than one directory per level.
     """
     files, dirs = _list_dir(fs, folder)
-    names = output_names([_with_scheme(original, fs, f"{folder}/{n}") for n in files if _extension(n) in wanted], root)
-    entries = sorted([(n, False) for n in files] + [(n + "/", True) for n in dirs])
-    for key, is_dir in entries:
+    files = [n for n in files if _extension(n) in wanted]
+    names = output_names([_with_scheme(original, fs, f"{folder}/{n}") for n in files], root)
+    for key, is_dir in sorted([(n, False) for n in files] + [(n + "/", True) for n in dirs]):
         if is_dir:
             yield from _walk_sorted(fs, f"{folder}/{key[:-1]}", wanted, original, root)
-        elif _extension(key) in wanted:
+        else:
             uri = _with_scheme(original, fs, f"{folder}/{key}")
             yield uri, names[uri]
 
